@@ -1,0 +1,218 @@
+"""The ``prunekit`` command: a thin layer over the Python API.
+
+Every command converts its options into the library's typed configs; errors caused by the input
+are printed as one line (``prunekit: error: ...``) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Make Hugging Face causal LMs smaller and faster by pruning.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model.")
+app.add_typer(eval_app, name="eval")
+
+log = logging.getLogger("prunekit")
+
+
+def friendly(fn):
+    """Turn input errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrunekitError as err:
+            typer.echo(f"prunekit: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("prunekit: interrupted; rerun the same command to resume from its checkpoint", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PrunekitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def _write_json(path: Optional[Path], payload: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@eval_app.command("ppl")
+@friendly
+def eval_ppl(
+    model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
+    data: str = typer.Option("wikitext2", help="wikitext2, wikitext2-valid, c4, kjv, pydoc, or a text file."),
+    seqlen: int = typer.Option(512, help="Window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    bos: str = typer.Option("stream", help="'stream' (GPTQ convention) or 'window' (BOS before every window)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle (.bin) weights."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+):
+    """Perplexity over non-overlapping windows (loss in float32)."""
+    from prunekit.data import load_text
+    from prunekit.evaluate import perplexity
+    from prunekit.loading import load
+
+    text = load_text(data)
+    lm, tokenizer = load(model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code)
+    result = perplexity(lm, tokenizer, text, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, bos=bos)
+    typer.echo(f"{model}: {result.summary()}")
+    _write_json(json_out, {"model": model, **result.to_dict()})
+
+
+@app.command()
+@friendly
+def prune(
+    model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
+    method: str = typer.Option(..., help="Pruning method: magnitude."),
+    out: Path = typer.Option(..., help="Output folder (written atomically)."),
+    sparsity: float = typer.Option(0.5, help="Fraction of weights to remove from each linear layer."),
+    calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
+    nsamples: int = typer.Option(128, help="Calibration samples."),
+    seqlen: int = typer.Option(2048, help="Calibration sample length in tokens."),
+    seed: int = typer.Option(0, help="Calibration sampling seed."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after on this data."),
+    eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
+    max_windows: Optional[int] = typer.Option(None, help="Perplexity on the first N windows only."),
+    device: str = typer.Option("auto", help="Compute device: cpu, cuda, ... or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    batch_size: int = typer.Option(1, help="Calibration samples per forward pass."),
+    propagate: str = typer.Option("pruned", help="Feed the next block 'pruned' or 'dense' outputs."),
+    lazy: bool = typer.Option(False, help="Keep blocks on disk until reached (models larger than memory)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where finished blocks are checkpointed "
+                                                  "(default: beside --out); a rerun resumes from it."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle (.bin) weights."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report to this JSON file."),
+):
+    """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
+    from prunekit.data import calibration, load_text
+    from prunekit.io import check_output
+    from prunekit.methods import CONFIGS
+    from prunekit.sequential import EngineConfig
+
+    if method not in CONFIGS:
+        raise PrunekitError(f"unknown --method {method!r}; available: {', '.join(CONFIGS)}")
+    method_config = CONFIGS[method](sparsity=sparsity)
+    check_output(out, overwrite)
+    if lazy and eval_data:
+        raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
+    text = load_text(eval_data) if eval_data else None
+    checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.checkpoint"
+    engine = EngineConfig(device=_device(device), batch_size=batch_size, propagate=propagate,
+                          checkpoint_dir=checkpoint_dir)
+    from prunekit.loading import load
+
+    lm, tokenizer = load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+                         trust_remote_code=trust_remote_code, lazy=lazy)
+    calib_data = calibration(tokenizer, calib, nsamples, seqlen, seed) if calib else None
+    report = run_prune_job(lm, tokenizer, model, method_config, calib_data, engine, out, overwrite,
+                           text, eval_seqlen, max_windows)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    typer.echo(format_report(report))
+    _write_json(json_out, report)
+
+
+def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, out, overwrite, text,
+                  eval_seqlen, max_windows) -> dict:
+    """Evaluate, prune, evaluate, save: the job shared by ``prune`` and ``demo``."""
+    from prunekit.evaluate import perplexity
+    from prunekit.io import build_manifest, save_pruned
+    from prunekit.loading import resolve_folder
+    from prunekit.methods import prune as run_method
+
+    metrics: dict = {}
+    if text is not None:
+        metrics["ppl_before"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
+    result = run_method(lm, method_config, calib_data, engine)
+    layers = result.layer_sparsity()
+    metrics["sparsity_mean"] = sum(layers.values()) / len(layers) if layers else 0.0
+    metrics["layer_sparsity"] = layers
+    metrics["prune_seconds"] = result.seconds
+    if text is not None:
+        metrics["ppl_after"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
+    manifest = build_manifest(
+        source=model_name, source_folder=resolve_folder(model_name), method=result.method,
+        method_config=result.config, calibration=result.calibration, metrics=metrics,
+    )
+    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite)
+    return {"out": str(out), **manifest}
+
+
+def format_report(report: dict) -> str:
+    m = report["metrics"]
+    lines = [
+        f"method       {report['method']} {report['method_config']}",
+        f"source       {report['source_model']['name']}",
+        f"sparsity     {m['sparsity_mean']:.1%} of the weights of {len(m['layer_sparsity'])} linear layers",
+        f"pruning time {m['prune_seconds']:.1f} s",
+    ]
+    if "ppl_before" in m:
+        before, after = m["ppl_before"], m["ppl_after"]
+        lines.append(
+            f"perplexity   {before['ppl']:.2f} -> {after['ppl']:.2f} ({before['dataset']}, seqlen {before['seqlen']}, "
+            f"{before['windows']} windows)"
+        )
+    lines.append(f"saved        {report['out']} (prunekit.json has the full report)")
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("outputs/demo-magnitude50"), help="Where to save the pruned model."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    data: str = typer.Option("kjv", help="Evaluation text (the packaged King James Bible by default)."),
+    max_windows: int = typer.Option(16, help="Perplexity windows of 512 tokens, before and after."),
+):
+    """Load the embedded SmolLM2-135M, prune it 50% by magnitude, compare perplexity, save it."""
+    from prunekit.data import load_text
+    from prunekit.io import check_output
+    from prunekit.loading import load
+    from prunekit.methods import MagnitudeConfig
+    from prunekit.sequential import EngineConfig
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, overwrite)
+    text = load_text(data)
+    typer.echo("loading smollm2-135m (the first run dequantizes the packaged GGUF once)...")
+    lm, tokenizer = load("smollm2-135m")
+    report = run_prune_job(lm, tokenizer, "smollm2-135m", MagnitudeConfig(0.5), None,
+                           EngineConfig(device="cpu"), out, overwrite, text, 512, max_windows)
+    typer.echo(format_report(report))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Models whose decoder blocks stay on disk until the sequential engine reaches them.
+
+``load_lazy`` builds the model with its parameters on the meta device (buffers such as rotary
+frequencies are computed for real), loads everything outside the decoder blocks, and attaches a
+``WeightSource``: a map from parameter name to the safetensors file that holds it. The engine
+materialises one block at a time from that map; once a block is pruned and checkpointed, its
+entries point at the checkpoint file and the block goes back to meta. Saving streams the weights
+from the map, so a model larger than memory never has to be whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+SOURCE_ATTR = "prunekit_weight_source"
+
+
+class WeightSource:
+    """Where each parameter of a lazy model lives on disk."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        self.dtype = dtype
+        self.files: dict[str, Path] = {}
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: folder / name for key, name in weight_map.items()}
+        else:
+            for file in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(file), framework="pt") as handle:
+                    self.files.update({key: file for key in handle.keys()})
+
+    def key_for(self, name: str) -> str | None:
+        """The checkpoint key of a parameter (some checkpoints drop the base-model prefix)."""
+        if name in self.files:
+            return name
+        stripped = name.split(".", 1)[-1]
+        return stripped if stripped in self.files else None
+
+    def read(self, name: str) -> torch.Tensor:
+        key = self.key_for(name)
+        if key is None:
+            raise KeyError(name)
+        with safe_open(str(self.files[key]), framework="pt") as handle:
+            return handle.get_tensor(key).to(self.dtype)
+
+    def redirect(self, names: list[str], file: Path) -> None:
+        """After a block is checkpointed, read its parameters from the checkpoint file."""
+        for name in names:
+            self.files[name] = file
+
+
+def weight_source(model: nn.Module) -> WeightSource | None:
+    return getattr(model, SOURCE_ATTR, None)
+
+
+def load_lazy(folder: Path, config, dtype: torch.dtype, device) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.models import get_adapter
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    source = WeightSource(folder, dtype)
+    setattr(model, SOURCE_ATTR, source)
+    blocks_prefix = get_adapter(model).blocks_path + "."
+    tied = set(model.get_expanded_tied_weights_keys()) if config.tie_word_embeddings else set()
+    for name, _ in model.named_parameters():
+        if not name.startswith(blocks_prefix) and name not in tied:
+            _set_param(model, name, source.read(name).to(device))
+    model.tie_weights()
+    return model
+
+
+def materialize(model: nn.Module, prefix: str, module: nn.Module, device) -> None:
+    """Read a meta module's parameters from the model's weight source onto ``device``."""
+    source = weight_source(model)
+    for name, param in list(module.named_parameters()):
+        if param.is_meta:
+            _set_param(module, name, source.read(f"{prefix}.{name}").to(device))
+
+
+def release(module: nn.Module) -> None:
+    """Send a module's parameters back to meta, freeing their memory."""
+    for name, param in list(module.named_parameters()):
+        _set_param(module, name, torch.empty_like(param, device="meta"))
+
+
+def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def is_lazy(model: nn.Module) -> bool:
+    return weight_source(model) is not None

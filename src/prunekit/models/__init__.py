@@ -1,0 +1,20 @@
+"""Architecture adapters, one small module per family."""
+
+from prunekit.models import gemma3, gpt2, llama, opt, phi3  # noqa: F401  (each registers itself)
+from prunekit.models.base import (
+    ADAPTERS,
+    Attention,
+    Block,
+    Mlp,
+    ModelAdapter,
+    adapter_for_config,
+    get_adapter,
+    is_linear,
+    linear_weight,
+    supported_families,
+)
+
+__all__ = [
+    "ADAPTERS", "Attention", "Block", "Mlp", "ModelAdapter", "adapter_for_config", "get_adapter",
+    "is_linear", "linear_weight", "supported_families",
+]

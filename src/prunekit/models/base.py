@@ -1,0 +1,175 @@
+"""What every architecture adapter exposes, and the registry that maps model types to adapters.
+
+An adapter names the parts of one family (where the blocks live, which linears form the
+attention and the MLP, the head counts); nothing outside ``prunekit.models`` names an
+architecture. Methods ask the adapter, never the model's class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer as [out_features, in_features] (a view: writes go through).
+
+    GPT-2's Conv1D stores [in, out]; every other linear stores [out, in].
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@dataclass
+class Attention:
+    """The projections of one attention sub-layer. ``qkv`` is set instead of q/k/v when fused."""
+
+    o: nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    v: nn.Module | None = None
+    qkv: nn.Module | None = None
+    extra_norms: dict[str, nn.Module] = field(default_factory=dict)  # e.g. Qwen3 / Gemma 3 q/k norms
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class Mlp:
+    """The MLP of one block: gated (gate, up, down or fused gate_up) or plain (up=fc1, down=fc2)."""
+
+    down: nn.Module
+    up: nn.Module | None = None
+    gate: nn.Module | None = None
+    gate_up: nn.Module | None = None  # fused [gate; up] rows, as in Phi-3
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None or self.gate_up is not None
+
+
+@dataclass
+class Block:
+    """One decoder block as the methods see it."""
+
+    module: nn.Module
+    index: int
+    attention: Attention
+    mlp: Mlp
+    norms: dict[str, nn.Module]
+
+    def linears(self) -> dict[str, nn.Module]:
+        """Every linear layer of the block, keyed by its name inside the block."""
+        return {name: mod for name, mod in self.module.named_modules() if is_linear(mod)}
+
+
+class ModelAdapter:
+    """Base class: a family's adapter sets the dotted paths and builds ``Block`` views."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""
+    blocks_path: ClassVar[str] = ""
+    final_norm_path: ClassVar[str | None] = None
+    embedding_paths: ClassVar[tuple[str, ...]] = ()
+    lm_head_path: ClassVar[str] = "lm_head"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # -- model-level parts --------------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.blocks_path)
+
+    def num_blocks(self) -> int:
+        return len(self.blocks())
+
+    def embeddings(self) -> list[nn.Module]:
+        return [self.model.get_submodule(p) for p in self.embedding_paths if _has(self.model, p)]
+
+    def final_norm(self) -> nn.Module | None:
+        return self.model.get_submodule(self.final_norm_path) if self.final_norm_path else None
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_submodule(self.lm_head_path)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head applied to the last block's output (final norm, then lm_head)."""
+        norm = self.final_norm()
+        return self.lm_head()(norm(hidden) if norm is not None else hidden)
+
+    def block(self, index: int) -> Block:
+        module = self.blocks()[index]
+        return Block(module, index, self.attention(module), self.mlp(module), self.norms(module))
+
+    # -- per-family parts ---------------------------------------------------------------------
+    def attention(self, block: nn.Module) -> Attention:
+        raise NotImplementedError
+
+    def mlp(self, block: nn.Module) -> Mlp:
+        raise NotImplementedError
+
+    def norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _heads(self) -> tuple[int, int, int]:
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return heads, kv, head_dim
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        return model.get_submodule(path) is not None
+    except AttributeError:
+        return False
+
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    for model_type in adapter.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+def supported_families() -> str:
+    families: dict[str, list[str]] = {}
+    for model_type, adapter in ADAPTERS.items():
+        families.setdefault(adapter.family, []).append(model_type)
+    return "; ".join(f"{fam} ({', '.join(types)})" for fam, types in families.items())
+
+
+def adapter_for_config(config) -> type[ModelAdapter]:
+    """The adapter class for a config; an unsupported one gets an error listing the families."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise PrunekitError(
+            f"unsupported architecture {model_type!r}; supported families: {supported_families()}"
+        )
+    return ADAPTERS[model_type]
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for a loaded model."""
+    return adapter_for_config(model.config)(model)
