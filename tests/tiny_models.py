@@ -47,3 +47,28 @@ def tiny_model(family: str, seed: int = 0):
 
 def tokens(n: int = 4, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights that matter least, "
+    "and a good tool reports what it cost. " * 20
+)
+
+
+def tiny_tokenizer():
+    """A character-level BPE tokenizer with fewer than VOCAB ids, trained offline on SAMPLE_TEXT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(folder, family: str = "llama", seed: int = 0):
+    """A tiny model folder (safetensors, config, tokenizer) as a user would have on disk."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model

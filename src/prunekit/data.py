@@ -121,9 +121,12 @@ def _read_jsonl(path: Path) -> str:
         for lineno, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    doc = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PrunekitError(f"{path}:{lineno} is not a JSON object with a 'text' field") from None
+                    doc = None
+                if not isinstance(doc, str):
+                    raise PrunekitError(f"{path}:{lineno} is not a JSON object with a string 'text' field")
+                docs.append(doc)
     return "\n\n".join(docs)
 
 

@@ -113,8 +113,8 @@ def resolve_folder(name: str, trust_remote_code: bool = False) -> Path | None:
         if not (path / "config.json").exists():
             raise PrunekitError(f"{path} has no config.json; pass a Hugging Face model folder")
         return path
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)
-    if looks_like_path or name.count("/") > 1:
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise PrunekitError(
             f"model folder {name} does not exist; pass an existing folder, a hub id (org/name), "
             f"or an alias ({', '.join(ALIASES)})"
@@ -195,22 +195,41 @@ def _from_pretrained(folder, dtype, device, trust_remote_code, allow_pickle):
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so an offline user waits seconds, not huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_from_hub(name: str, dtype, device, trust_remote_code):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from prunekit.models import adapter_for_config
 
+    # Offline, only the local Hugging Face cache can answer; it answers at once.
+    local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as err:
+        reason = "the hub is unreachable and it is not in the local cache" if local_only else _first_line(err)
         raise PrunekitError(
-            f"could not get {name!r} from the Hugging Face Hub ({_first_line(err)}); it is not a local folder "
+            f"could not get {name!r} from the Hugging Face Hub ({reason}); it is not a local folder "
             f"or an alias either: pass a local model folder or one of {', '.join(ALIASES)}"
         ) from None
     adapter_for_config(config)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local_only)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code, use_safetensors=True
+        name, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code, use_safetensors=True,
+        local_files_only=local_only,
     )
     return model.eval(), tokenizer
 

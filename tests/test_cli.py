@@ -1,0 +1,97 @@
+"""The CLI as a new user runs it: real subprocesses, one-line errors, nothing half-written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tiny_models import SAMPLE_TEXT, save_tiny
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "prunekit.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("prunekit: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_tiny(folder, "llama")
+    text = folder.parent / "corpus.txt"
+    text.write_text(SAMPLE_TEXT)
+    return folder
+
+
+def test_prune_then_eval(tiny_folder, tmp_path):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    out = tmp_path / "pruned"
+    result = run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out),
+                 "--eval", corpus, "--eval-seqlen", "16", "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout and "50.0%" in result.stdout
+    manifest = json.loads((out / "prunekit.json").read_text())
+    assert manifest["method_config"] == {"sparsity": 0.5}
+    assert manifest["source_model"]["sha256"] and manifest["metrics"]["ppl_after"]["seqlen"] == 16
+    assert json.loads((tmp_path / "r.json").read_text())["out"] == str(out)
+    assert not (tmp_path / ".pruned.checkpoint").exists()
+
+    result = run("eval", "ppl", "--model", str(out), "--data", corpus, "--seqlen", "16", "--json",
+                 str(tmp_path / "ppl.json"))
+    assert result.returncode == 0, result.stderr
+    ppl = json.loads((tmp_path / "ppl.json").read_text())
+    assert ppl["ppl"] == pytest.approx(manifest["metrics"]["ppl_after"]["ppl"], rel=1e-6)
+
+
+def test_prune_with_calibration_and_lazy(tiny_folder, tmp_path):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    result = run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "o"),
+                 "--calib", corpus, "--nsamples", "4", "--seqlen", "16", "--lazy", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
+    assert manifest["calibration"]["n_samples"] == 4 and manifest["calibration"]["seed"] == 0
+
+
+def test_missing_model(tmp_path):
+    line = error_line(run("eval", "ppl", "--model", str(tmp_path / "missing"), "--data", "pydoc"))
+    assert "does not exist" in line
+
+
+def test_seqlen_larger_than_data(tiny_folder):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    line = error_line(run("eval", "ppl", "--model", str(tiny_folder), "--data", corpus, "--seqlen", "100000"))
+    assert "larger than the data" in line
+
+
+def test_output_exists_is_refused_before_any_work(tiny_folder, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    line = error_line(run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "out")))
+    assert "--overwrite" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unknown_method_and_bad_sparsity(tiny_folder, tmp_path):
+    assert "available: magnitude" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "nope", "--out", str(tmp_path / "o")))
+    assert "--sparsity" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "1.2", "--out", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_weights_leave_no_output(tiny_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_folder, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    line = error_line(run("prune", "--model", str(broken), "--method", "magnitude", "--out", str(tmp_path / "o")))
+    assert "not a valid safetensors file" in line
+    assert not (tmp_path / "o").exists()
