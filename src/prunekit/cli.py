@@ -130,7 +130,8 @@ def prune(
                           checkpoint_dir=checkpoint_dir)
     from prunekit.loading import load
 
-    lm, tokenizer = load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+    # A lazy model stays on disk and the CPU; the engine brings each block to the compute device.
+    lm, tokenizer = load(model, dtype=dtype, device="cpu" if lazy else engine.device, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, lazy=lazy)
     calib_data = calibration(tokenizer, calib, nsamples, seqlen, seed) if calib else None
     report = run_prune_job(lm, tokenizer, model, method_config, calib_data, engine, out, overwrite,

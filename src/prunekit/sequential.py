@@ -40,7 +40,9 @@ INPUTS_FILE = "inputs.safetensors"
 
 @dataclass
 class EngineConfig:
-    """How the engine runs. ``device`` computes; ``offload_device`` holds activations and idle blocks."""
+    """How the engine runs. ``device`` computes; ``offload_device`` holds the activations between blocks.
+
+    A block goes back where it was after its turn (or back to disk, for a lazy model)."""
 
     device: str | None = None  # None: the device of the model's embeddings
     offload_device: str = "cpu"
@@ -124,8 +126,10 @@ def to_device(obj, device, memo: dict | None = None):
 @torch.no_grad()
 def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
     """Block-0 hidden states per batch, and every block's call arguments per batch."""
-    blocks = get_adapter(model).blocks()
+    adapter = get_adapter(model)
+    blocks = adapter.blocks()
     originals = list(blocks)
+    home = adapter.embeddings()[0].weight.device
     first_inputs: list[torch.Tensor] = []
     calls: list[list] = []
     try:
@@ -141,6 +145,7 @@ def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
             memo: dict = {}
             calls.append([to_device(sink[i], config.offload_device, memo) for i in range(len(blocks))])
     finally:
+        model.to(home)
         for i, block in enumerate(originals):
             blocks[i] = block
     return first_inputs, calls
@@ -187,6 +192,7 @@ def run_sequential(
                initial=done, total=len(blocks))
     for i in bar:
         block_module = blocks[i]
+        home = next(block_module.parameters()).device
         if lazy:
             materialize(model, f"{adapter.blocks_path}.{i}", block_module, device)
         block_module.to(device)
@@ -204,7 +210,7 @@ def run_sequential(
         if lazy:
             release(block_module)
         else:
-            block_module.to(config.offload_device)
+            block_module.to(home)
         inputs = outputs
     report.outputs = inputs if keep_outputs else None
     report.seconds = time.perf_counter() - start
@@ -295,5 +301,5 @@ def sequential_logits(model, tokens: torch.Tensor, config: EngineConfig) -> torc
     """Logits computed block by block (a lazy model never has more than one block in memory)."""
     adapter = get_adapter(model)
     report = run_sequential(model, lambda step: None, tokens, config, keep_outputs=True)
-    device = torch.device(config.device) if config.device else adapter.embeddings()[0].weight.device
-    return torch.cat([adapter.logits(h.to(device)).to(config.offload_device) for h in report.outputs])
+    head_device = adapter.lm_head().weight.device
+    return torch.cat([adapter.logits(h.to(head_device)).to(config.offload_device) for h in report.outputs])
