@@ -38,7 +38,7 @@ def test_prune_then_eval(tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "50.0%" in result.stdout
     manifest = json.loads((out / "prunekit.json").read_text())
-    assert manifest["method_config"] == {"sparsity": 0.5}
+    assert manifest["method_config"] == {"sparsity": 0.5, "include": [], "exclude": []}
     assert manifest["source_model"]["sha256"] and manifest["metrics"]["ppl_after"]["seqlen"] == 16
     assert json.loads((tmp_path / "r.json").read_text())["out"] == str(out)
     assert not (tmp_path / ".pruned.checkpoint").exists()
@@ -78,8 +78,27 @@ def test_output_exists_is_refused_before_any_work(tiny_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_wanda_needs_calibration_and_rejects_foreign_options(tiny_folder, tmp_path):
+    assert "--calib" in error_line(run("prune", "--model", str(tiny_folder), "--method", "wanda", "--out", str(tmp_path / "o")))
+    assert "--nm does not apply to --method magnitude" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--out", str(tmp_path / "o")))
+    assert "--nm" in error_line(run("prune", "--model", str(tiny_folder), "--method", "wanda", "--nm", "4:2", "--calib",
+                                    "pydoc", "--out", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_wanda_nm_end_to_end(tiny_folder, tmp_path):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    result = run("prune", "--model", str(tiny_folder), "--method", "wanda", "--nm", "2:4", "--calib", corpus,
+                 "--nsamples", "4", "--seqlen", "16", "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
+    assert manifest["method"] == "wanda" and manifest["method_config"]["nm"] == "2:4"
+    assert set(manifest["metrics"]["layer_sparsity"].values()) == {0.5}
+
+
 def test_unknown_method_and_bad_sparsity(tiny_folder, tmp_path):
-    assert "available: magnitude" in error_line(
+    assert "available: magnitude, wanda, sparsegpt" in error_line(
         run("prune", "--model", str(tiny_folder), "--method", "nope", "--out", str(tmp_path / "o")))
     assert "--sparsity" in error_line(
         run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "1.2", "--out", str(tmp_path / "o")))

@@ -90,9 +90,19 @@ def eval_ppl(
 @friendly
 def prune(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
-    method: str = typer.Option(..., help="Pruning method: magnitude."),
+    method: str = typer.Option(..., help="Pruning method: magnitude, wanda or sparsegpt."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     sparsity: float = typer.Option(0.5, help="Fraction of weights to remove from each linear layer."),
+    nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 or 4:8: prune N of every M weights."),
+    order: Optional[str] = typer.Option(None, help="wanda/sparsegpt: 'sequential' (one pass per block) or "
+                                        "'block' (reference order: score the dense block, prune, re-run)."),
+    include: Optional[list[str]] = typer.Option(None, help="Only linears matching this pattern (e.g. 'mlp.*')."),
+    exclude: Optional[list[str]] = typer.Option(None, help="Skip linears matching this pattern."),
+    owl: Optional[bool] = typer.Option(None, "--owl", help="wanda/sparsegpt: per-block sparsity from outliers."),
+    owl_lambda: Optional[float] = typer.Option(None, help="OWL: per-block sparsity stays within target +- lambda."),
+    blocksize: Optional[int] = typer.Option(None, help="sparsegpt: columns per lazy-update block (128)."),
+    percdamp: Optional[float] = typer.Option(None, help="sparsegpt: initial dampening, fraction of mean diag(H)."),
+    hessian_dtype: Optional[str] = typer.Option(None, help="sparsegpt: float32 or float64."),
     calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
     nsamples: int = typer.Option(128, help="Calibration samples."),
     seqlen: int = typer.Option(2048, help="Calibration sample length in tokens."),
@@ -115,12 +125,14 @@ def prune(
     """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
     from prunekit.data import calibration, load_text
     from prunekit.io import check_output
-    from prunekit.methods import CONFIGS
     from prunekit.sequential import EngineConfig
 
-    if method not in CONFIGS:
-        raise PrunekitError(f"unknown --method {method!r}; available: {', '.join(CONFIGS)}")
-    method_config = CONFIGS[method](sparsity=sparsity)
+    method_config = method_config_from_options(
+        method, sparsity=sparsity, nm=nm, order=order, include=include, exclude=exclude, owl=owl,
+        owl_lambda=owl_lambda, blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype,
+    )
+    if getattr(method_config, "needs_calibration", False) and calib is None:
+        raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
     check_output(out, overwrite)
     if lazy and eval_data:
         raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
@@ -139,6 +151,22 @@ def prune(
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     typer.echo(format_report(report))
     _write_json(json_out, report)
+
+
+def method_config_from_options(method: str, **options):
+    """The method's config from the options the user set; an option the method does not take is an error."""
+    import dataclasses
+
+    from prunekit.methods import CONFIGS
+
+    if method not in CONFIGS:
+        raise PrunekitError(f"unknown --method {method!r}; available: {', '.join(CONFIGS)}")
+    cls = CONFIGS[method]
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.items() if v not in (None, [])}
+    for name in given.keys() - accepted:
+        raise PrunekitError(f"--{name.replace('_', '-')} does not apply to --method {method}")
+    return cls(**given)
 
 
 def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, out, overwrite, text,

@@ -71,20 +71,28 @@ class EngineReport:
 class BlockStep:
     """What a method sees of one block: the adapter's view of it and a way to run the calibration."""
 
-    def __init__(self, block: Block, run: Callable[[], list[torch.Tensor]] | None):
+    def __init__(self, block: Block, run: Callable[[], list[torch.Tensor]] | None, num_batches: int = 0):
         self.block = block
         self.index = block.index
+        self.num_batches = num_batches
+        self.accepted: list[torch.Tensor] | None = None
         self._run = run
 
     @property
     def has_calibration(self) -> bool:
         return self._run is not None
 
-    def forward(self) -> None:
-        """Run the block over all calibration inputs, so that the method's hooks see them."""
+    def forward(self) -> list[torch.Tensor]:
+        """Run the block over all calibration inputs (the method's hooks see them); returns its outputs."""
         if self._run is None:
             raise PrunekitError("this method needs calibration data; pass --calib (e.g. c4)")
-        self._run()
+        return self._run()
+
+    def accept(self, outputs: list[torch.Tensor]) -> None:
+        """Declare ``outputs`` (from ``forward``) the pruned block's outputs, so the engine need not re-run it.
+
+        Only valid when the weights did not change after that forward pass."""
+        self.accepted = outputs
 
 
 BlockFn = Callable[[BlockStep], dict | None]
@@ -156,22 +164,24 @@ def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
 
 def run_sequential(
     model, process: BlockFn, tokens: torch.Tensor | None, config: EngineConfig, fingerprint: str = "",
-    keep_outputs: bool = False,
+    keep_outputs: bool = False, read_only: bool = False,
 ) -> EngineReport:
     """Run ``process`` on every decoder block in order (see the module docstring).
 
     ``tokens`` ([n, seqlen] calibration ids) may be ``None`` for methods that need no data.
     ``fingerprint`` identifies the run (method, config, data, model); a checkpoint written by a
-    different run is refused instead of silently mixed in.
+    different run is refused instead of silently mixed in. ``read_only`` passes (statistics that
+    change no weight, e.g. OWL's outlier census) neither need nor write a checkpoint.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
     blocks = adapter.blocks()
     device = torch.device(config.device) if config.device else adapter.embeddings()[0].weight.device
     lazy = is_lazy(model)
-    if lazy and config.checkpoint_dir is None:
+    if lazy and config.checkpoint_dir is None and not read_only:
         raise PrunekitError("a lazily loaded model needs a checkpoint folder (--checkpoint-dir) for its blocks")
-    checkpoint = _Checkpoint(config.checkpoint_dir, fingerprint, len(blocks)) if config.checkpoint_dir else None
+    use_checkpoint = config.checkpoint_dir is not None and not read_only
+    checkpoint = _Checkpoint(config.checkpoint_dir, fingerprint, len(blocks)) if use_checkpoint else None
     report = EngineReport()
 
     inputs, calls = (None, None)
@@ -201,9 +211,10 @@ def run_sequential(
             return _run_block(module, inputs, [c[i] for c in calls], device, config.offload_device)
 
         outputs = run() if (inputs is not None and config.propagate == "dense") else None
-        result = process(BlockStep(adapter.block(i), run if inputs is not None else None)) or {}
+        step = BlockStep(adapter.block(i), run if inputs is not None else None, len(calls or []))
+        result = process(step) or {}
         if inputs is not None and outputs is None:
-            outputs = run()
+            outputs = step.accepted if step.accepted is not None else run()
         report.blocks.append({"block": i, **result})
         if checkpoint:
             checkpoint.save_block(model, adapter, i, outputs, report.blocks, lazy)
@@ -300,6 +311,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def sequential_logits(model, tokens: torch.Tensor, config: EngineConfig) -> torch.Tensor:
     """Logits computed block by block (a lazy model never has more than one block in memory)."""
     adapter = get_adapter(model)
-    report = run_sequential(model, lambda step: None, tokens, config, keep_outputs=True)
+    report = run_sequential(model, lambda step: None, tokens, config, keep_outputs=True, read_only=True)
     head_device = adapter.lm_head().weight.device
     return torch.cat([adapter.logits(h.to(head_device)).to(config.offload_device) for h in report.outputs])

@@ -10,20 +10,26 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
 from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_sequential
 
-METHODS: dict[type, Callable[[object, BlockStep], dict]] = {}
+@dataclass(frozen=True)
+class Method:
+    block: Callable[[object, BlockStep], dict]  # prune one block: (config, step) -> report
+    prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
 
 
-def register(config_type: type):
+METHODS: dict[type, Method] = {}
+
+
+def register(config_type: type, prepare: Callable | None = None):
     """Register ``fn(config, step) -> dict`` as the block function for ``config_type``."""
 
     def wrap(fn):
-        METHODS[config_type] = fn
+        METHODS[config_type] = Method(fn, prepare)
         return fn
 
     return wrap
@@ -60,23 +66,31 @@ def run_fingerprint(model, config, calibration: Calibration | None) -> str:
 def prune(model, config, calibration: Calibration | None = None, engine: EngineConfig | None = None) -> PruneResult:
     """Prune ``model`` in place with the method that ``config`` selects."""
     try:
-        block_fn = METHODS[type(config)]
+        method = METHODS[type(config)]
     except KeyError:
         raise PrunekitError(f"no pruning method is registered for {type(config).__name__}") from None
     if getattr(config, "needs_calibration", False) and calibration is None:
         raise PrunekitError(f"{method_name(config)} needs calibration data; pass --calib (e.g. c4)")
     engine = engine or EngineConfig()
+    if calibration is not None and getattr(config, "order", None) == "sequential":
+        engine = replace(engine, batch_size=len(calibration.tokens))  # one pass per block sees every sample
+    fingerprint = run_fingerprint(model, config, calibration)
     start = time.perf_counter()
+    if method.prepare is not None:
+        config = method.prepare(config, model, calibration, engine)
     report = run_sequential(
-        model, lambda step: block_fn(config, step), calibration.tokens if calibration else None, engine,
-        fingerprint=run_fingerprint(model, config, calibration),
+        model, lambda step: method.block(config, step), calibration.tokens if calibration else None, engine,
+        fingerprint=fingerprint,
     )
     return PruneResult(method_name(config), asdict(config), report,
                        calibration.describe() if calibration else None, time.perf_counter() - start)
 
 
-from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (registers itself)
+from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (each registers itself)
+from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
+from prunekit.methods.wanda import WandaConfig  # noqa: E402
 
-CONFIGS = {cls.method: cls for cls in (MagnitudeConfig,)}
+CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig)}
 
-__all__ = ["CONFIGS", "METHODS", "MagnitudeConfig", "PruneResult", "prune", "register"]
+__all__ = ["CONFIGS", "METHODS", "MagnitudeConfig", "PruneResult", "SparseGPTConfig", "WandaConfig", "prune",
+           "register"]

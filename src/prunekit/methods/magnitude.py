@@ -11,38 +11,35 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import register
+from prunekit.methods.masks import matrix_mask
+from prunekit.methods.unstructured import select_linears
 from prunekit.models import linear_weight
 
 
 @dataclass
 class MagnitudeConfig:
     sparsity: float = 0.5
+    include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
+    exclude: tuple[str, ...] = ()
     method: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise PrunekitError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask that removes exactly ``round(sparsity * numel)`` entries of smallest magnitude.
-
-    Ties at the threshold are broken by position (a stable sort), so the count is always exact.
-    """
-    n_prune = round(sparsity * weight.numel())
-    mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
-    if n_prune:
-        order = torch.argsort(weight.detach().abs().flatten().float(), stable=True)
-        mask[order[:n_prune]] = False
-    return mask.view_as(weight)
+    """Keep-mask that removes exactly ``round(sparsity * numel)`` entries of smallest magnitude."""
+    return matrix_mask(weight.detach().abs(), sparsity)
 
 
 @register(MagnitudeConfig)
 def magnitude_block(config: MagnitudeConfig, step) -> dict:
     sparsity = {}
     with torch.no_grad():
-        for name, linear in step.block.linears().items():
+        for name, linear in select_linears(step.block, config.include, config.exclude).items():
             weight = linear_weight(linear)
             weight.mul_(magnitude_mask(weight, config.sparsity))
             sparsity[name] = (weight == 0).float().mean().item()

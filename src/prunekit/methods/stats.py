@@ -1,0 +1,60 @@
+"""Statistics of the inputs of linear layers, collected by forward pre-hooks during calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def flat_inputs(x: torch.Tensor) -> torch.Tensor:
+    """[..., in_features] -> [tokens, in_features] (calibration windows carry no padding)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+class InputNorms:
+    """Squared L2 norm of each input feature over all calibration tokens, accumulated in float32."""
+
+    def __init__(self, features: int, device):
+        self.squares = torch.zeros(features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = flat_inputs(x).float()
+        self.squares += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.squares.sqrt()
+
+
+class Hessian:
+    """SparseGPT's H = 2/n * sum x x^T over the calibration tokens, kept as a running mean."""
+
+    def __init__(self, features: int, device, dtype: torch.dtype = torch.float32):
+        self.matrix = torch.zeros(features, features, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = flat_inputs(x).to(self.matrix.dtype)
+        new = x.shape[0]
+        self.matrix *= self.tokens / (self.tokens + new)
+        self.tokens += new
+        x = x * (2.0 / self.tokens) ** 0.5
+        self.matrix += x.t() @ x
+
+
+@contextmanager
+def on_inputs(linears: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, linear, input)`` before each forward of each linear; hooks removed on exit."""
+    handles = [
+        linear.register_forward_pre_hook(lambda module, args, name=name: fn(name, module, args[0]))
+        for name, linear in linears.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
