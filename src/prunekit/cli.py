@@ -118,6 +118,8 @@ def prune(
     checkpoint_dir: Optional[Path] = typer.Option(None, help="Where finished blocks are checkpointed "
                                                   "(default: beside --out); a rerun resumes from it."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    fmt: str = typer.Option("dense", "--format", help="'dense': a standard HF folder; 'compact': sparse "
+                            "matrices as bitmask + values (smaller on disk; prunekit.load or unpack restores it)."),
     allow_pickle: bool = typer.Option(False, help="Allow pickle (.bin) weights."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report to this JSON file."),
@@ -134,6 +136,10 @@ def prune(
     if getattr(method_config, "needs_calibration", False) and calib is None:
         raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
     check_output(out, overwrite)
+    if fmt not in ("dense", "compact"):
+        raise PrunekitError(f"--format must be dense or compact, got {fmt!r}")
+    if lazy and fmt == "compact":
+        raise PrunekitError("--format compact needs the model in memory; drop --lazy, or save dense and convert")
     if lazy and eval_data:
         raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
     text = load_text(eval_data) if eval_data else None
@@ -147,7 +153,7 @@ def prune(
                          trust_remote_code=trust_remote_code, lazy=lazy)
     calib_data = calibration(tokenizer, calib, nsamples, seqlen, seed) if calib else None
     report = run_prune_job(lm, tokenizer, model, method_config, calib_data, engine, out, overwrite,
-                           text, eval_seqlen, max_windows)
+                           text, eval_seqlen, max_windows, fmt)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     typer.echo(format_report(report))
     _write_json(json_out, report)
@@ -170,7 +176,7 @@ def method_config_from_options(method: str, **options):
 
 
 def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, out, overwrite, text,
-                  eval_seqlen, max_windows) -> dict:
+                  eval_seqlen, max_windows, fmt="dense") -> dict:
     """Evaluate, prune, evaluate, save: the job shared by ``prune`` and ``demo``."""
     from prunekit.evaluate import perplexity
     from prunekit.io import build_manifest, save_pruned
@@ -191,7 +197,7 @@ def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, 
         source=model_name, source_folder=resolve_folder(model_name), method=result.method,
         method_config=result.config, calibration=result.calibration, metrics=metrics,
     )
-    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite)
+    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt)
     return {"out": str(out), **manifest}
 
 
@@ -211,6 +217,29 @@ def format_report(report: dict) -> str:
         )
     lines.append(f"saved        {report['out']} (prunekit.json has the full report)")
     return "\n".join(lines)
+
+
+@app.command()
+@friendly
+def unpack(
+    model: str = typer.Option(..., help="A folder saved with --format compact."),
+    out: Path = typer.Option(..., help="Where to write the standard (dense) Hugging Face folder."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Restore a compact folder to a standard Hugging Face folder that any tool loads."""
+    from prunekit.compact import COMPACT_FILE
+    from prunekit.io import MANIFEST, check_output, save_pruned
+    from prunekit.loading import load
+
+    if not (Path(model) / COMPACT_FILE).exists():
+        raise PrunekitError(f"{model} holds no {COMPACT_FILE}; it is not a compact prunekit folder")
+    check_output(out, overwrite)
+    lm, tokenizer = load(model)
+    manifest_path = Path(model) / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.pop("storage", None)
+    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite)
+    typer.echo(f"unpacked {model} -> {out}")
 
 
 @app.command()

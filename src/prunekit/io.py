@@ -41,12 +41,27 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False) -> Path:
-    """Write ``model``, ``tokenizer`` and ``manifest`` to ``out`` atomically."""
+FORMATS = ("dense", "compact")
+
+
+def save_pruned(model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False,
+                fmt: str = "dense") -> Path:
+    """Write ``model``, ``tokenizer`` and ``manifest`` to ``out`` atomically.
+
+    ``fmt="dense"``: a standard Hugging Face folder (zeros stored as zeros; any tool loads it).
+    ``fmt="compact"``: sparse matrices as bitmask + values (see ``prunekit.compact``); ``prunekit.load``
+    and ``prunekit unpack`` restore it.
+    """
+    if fmt not in FORMATS:
+        raise PrunekitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "compact" and is_lazy(model):
+        raise PrunekitError("--format compact needs the model in memory; drop --lazy, or save dense and convert")
     out = check_output(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if is_lazy(model):
+        if fmt == "compact":
+            manifest = {**manifest, "storage": _save_compact(model, tmp)}
+        elif is_lazy(model):
             _save_streaming(model, tmp)
         else:
             model.save_pretrained(tmp)
@@ -78,6 +93,17 @@ def _replace(tmp: Path, out: Path) -> None:
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_compact(model, folder: Path) -> dict:
+    from prunekit.compact import save_compact_weights
+
+    tied = set(model.get_expanded_tied_weights_keys()) if model.config.tie_word_embeddings else set()
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    return save_compact_weights(state, folder)
 
 
 def _save_streaming(model, folder: Path) -> None:

@@ -92,7 +92,13 @@ def load(
 
     adapter_for_config(config)  # refuse unsupported architectures before reading any weight
     tokenizer = _load_tokenizer(folder, trust_remote_code)
-    if lazy:
+    from prunekit.compact import COMPACT_FILE, load_compact_model
+
+    if (folder / COMPACT_FILE).exists():
+        if lazy:
+            raise PrunekitError(f"{folder} is in prunekit's compact format; unpack it first (prunekit unpack)")
+        model = load_compact_model(folder, config, torch_dtype, device)
+    elif lazy:
         from prunekit.lazy import load_lazy
 
         model = load_lazy(folder, config, torch_dtype, device)

@@ -11,7 +11,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import register
-from prunekit.methods.masks import matrix_mask
+from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import linear_weight
 
@@ -19,6 +19,7 @@ from prunekit.models import linear_weight
 @dataclass
 class MagnitudeConfig:
     sparsity: float = 0.5
+    nm: str | None = None  # "2:4": prune the 2 smallest of every 4 consecutive weights of a row
     include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
     exclude: tuple[str, ...] = ()
     method: ClassVar[str] = "magnitude"
@@ -28,6 +29,9 @@ class MagnitudeConfig:
         if not 0.0 <= self.sparsity < 1.0:
             raise PrunekitError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+        if self.nm is not None:
+            n, m = parse_nm(self.nm)
+            self.sparsity = n / m
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -41,6 +45,7 @@ def magnitude_block(config: MagnitudeConfig, step) -> dict:
     with torch.no_grad():
         for name, linear in select_linears(step.block, config.include, config.exclude).items():
             weight = linear_weight(linear)
-            weight.mul_(magnitude_mask(weight, config.sparsity))
+            nm = parse_nm(config.nm)
+            weight.mul_(nm_mask(weight.detach().abs(), *nm) if nm else magnitude_mask(weight, config.sparsity))
             sparsity[name] = (weight == 0).float().mean().item()
     return {"sparsity": sparsity}
