@@ -96,6 +96,8 @@ def prune(
     nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 or 4:8: prune N of every M weights."),
     order: Optional[str] = typer.Option(None, help="wanda/sparsegpt: 'sequential' (one pass per block) or "
                                         "'block' (reference order: score the dense block, prune, re-run)."),
+    scope: Optional[str] = typer.Option(None, help="magnitude: 'layer' (per matrix) or 'global' (one threshold)."),
+    std_quality: Optional[float] = typer.Option(None, help="magnitude: Han et al.'s threshold, q * std(W) per layer."),
     include: Optional[list[str]] = typer.Option(None, help="Only linears matching this pattern (e.g. 'mlp.*')."),
     exclude: Optional[list[str]] = typer.Option(None, help="Skip linears matching this pattern."),
     owl: Optional[bool] = typer.Option(None, "--owl", help="wanda/sparsegpt: per-block sparsity from outliers."),
@@ -130,7 +132,8 @@ def prune(
     from prunekit.sequential import EngineConfig
 
     method_config = method_config_from_options(
-        method, sparsity=sparsity, nm=nm, order=order, include=include, exclude=exclude, owl=owl,
+        method, sparsity=sparsity, nm=nm, order=order, scope=scope, std_quality=std_quality, include=include,
+        exclude=exclude, owl=owl,
         owl_lambda=owl_lambda, blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype,
     )
     if getattr(method_config, "needs_calibration", False) and calib is None:

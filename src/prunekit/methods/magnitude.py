@@ -1,33 +1,53 @@
-"""One-shot magnitude pruning: zero the smallest |W| of each weight matrix (the baseline of Wanda
-and SparseGPT). Prune-retrain, global thresholds and Han et al.'s std-based threshold come with
-the unstructured-sparsity issue."""
+"""Magnitude pruning, in the forms the field uses:
+
+- ``scope="layer"`` (default): the smallest |W| of each weight matrix, the baseline Wanda and
+  SparseGPT compare against; or N:M within each row (``nm="2:4"``).
+- ``scope="global"``: one threshold over all selected matrices of the model (exact count: ties at
+  the threshold go to the earliest layers).
+- ``std_quality=q``: Han et al. (2015)'s threshold, q times the standard deviation of each layer's
+  weights; the sparsity is then an outcome, reported per layer.
+
+Iterative prune-retrain (Han et al.) lives in ``prunekit.methods.retrain``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import register
-from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm
+from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm, sparsity_of
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import linear_weight
+
+SCOPES = ("layer", "global")
 
 
 @dataclass
 class MagnitudeConfig:
     sparsity: float = 0.5
     nm: str | None = None  # "2:4": prune the 2 smallest of every 4 consecutive weights of a row
+    scope: str = "layer"
+    std_quality: float | None = None  # Han et al.: prune |w| < q * std(W) of the layer
     include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
     exclude: tuple[str, ...] = ()
+    layer_counts: dict[str, int] | None = field(default=None, repr=False)  # filled for scope="global"
     method: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:
             raise PrunekitError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.scope not in SCOPES:
+            raise PrunekitError(f"--scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.std_quality is not None and self.std_quality <= 0:
+            raise PrunekitError(f"--std-quality must be positive, got {self.std_quality}")
+        if sum(x is not None for x in (self.nm, self.std_quality)) + (self.scope == "global") > 1:
+            raise PrunekitError("choose one of --nm, --std-quality and --scope global")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
         if self.nm is not None:
             n, m = parse_nm(self.nm)
@@ -39,13 +59,63 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return matrix_mask(weight.detach().abs(), sparsity)
 
 
-@register(MagnitudeConfig)
+def std_threshold_mask(weight: torch.Tensor, quality: float) -> torch.Tensor:
+    """Han et al.: keep |w| >= quality * std(W)."""
+    w = weight.detach().float()
+    return w.abs() >= quality * w.std()
+
+
+def global_counts(magnitudes: dict[str, torch.Tensor], sparsity: float) -> dict[str, int]:
+    """How many weights each layer loses under one global threshold, the total exact.
+
+    Everything below the k-th smallest magnitude goes; the ties at it go to the earliest layers.
+    """
+    total = sum(m.numel() for m in magnitudes.values())
+    k = round(sparsity * total)
+    if k == 0:
+        return {name: 0 for name in magnitudes}
+    threshold = torch.cat([m.flatten() for m in magnitudes.values()]).kthvalue(k).values
+    below = {name: int((m < threshold).sum()) for name, m in magnitudes.items()}
+    ties_left = k - sum(below.values())
+    counts = {}
+    for name, m in magnitudes.items():
+        take = min(int((m == threshold).sum()), ties_left)
+        counts[name], ties_left = below[name] + take, ties_left - take
+    return counts
+
+
+def magnitude_prepare(config: MagnitudeConfig, model, calibration, engine) -> MagnitudeConfig:
+    """For the global scope: read every selected matrix once and fix each layer's count."""
+    if config.scope != "global":
+        return config
+    from prunekit.sequential import run_sequential
+
+    magnitudes: dict[str, torch.Tensor] = {}
+
+    def collect(step):
+        for name, linear in select_linears(step.block, config.include, config.exclude).items():
+            magnitudes[f"{step.index}.{name}"] = linear_weight(linear).detach().abs().float().cpu()
+
+    run_sequential(model, collect, None, dataclasses.replace(engine, checkpoint_dir=None), read_only=True)
+    return dataclasses.replace(config, layer_counts=global_counts(magnitudes, config.sparsity))
+
+
+def layer_mask(config: MagnitudeConfig, key: str, weight: torch.Tensor) -> torch.Tensor:
+    if config.std_quality is not None:
+        return std_threshold_mask(weight, config.std_quality)
+    if config.nm is not None:
+        return nm_mask(weight.detach().abs(), *parse_nm(config.nm))
+    if config.layer_counts is not None:
+        return magnitude_mask(weight, config.layer_counts[key] / weight.numel())
+    return magnitude_mask(weight, config.sparsity)
+
+
+@register(MagnitudeConfig, prepare=magnitude_prepare)
 def magnitude_block(config: MagnitudeConfig, step) -> dict:
     sparsity = {}
     with torch.no_grad():
         for name, linear in select_linears(step.block, config.include, config.exclude).items():
             weight = linear_weight(linear)
-            nm = parse_nm(config.nm)
-            weight.mul_(nm_mask(weight.detach().abs(), *nm) if nm else magnitude_mask(weight, config.sparsity))
-            sparsity[name] = (weight == 0).float().mean().item()
+            weight.mul_(layer_mask(config, f"{step.index}.{name}", weight))
+            sparsity[name] = sparsity_of(weight)
     return {"sparsity": sparsity}
