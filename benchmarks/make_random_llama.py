@@ -25,15 +25,23 @@ def shard_tensors(config: LlamaConfig, index: int | None, generator: torch.Gener
         return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
 
     if index is None:
-        return {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
-                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+        return {
+            "model.embed_tokens.weight": rand(v, h),
+            "lm_head.weight": rand(v, h),
+            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+        }
     p = f"model.layers.{index}."
-    return {p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(h, h),
-            p + "self_attn.v_proj.weight": rand(h, h), p + "self_attn.o_proj.weight": rand(h, h),
-            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
-            p + "mlp.down_proj.weight": rand(h, i),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    return {
+        p + "self_attn.q_proj.weight": rand(h, h),
+        p + "self_attn.k_proj.weight": rand(h, h),
+        p + "self_attn.v_proj.weight": rand(h, h),
+        p + "self_attn.o_proj.weight": rand(h, h),
+        p + "mlp.gate_proj.weight": rand(i, h),
+        p + "mlp.up_proj.weight": rand(i, h),
+        p + "mlp.down_proj.weight": rand(h, i),
+        p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -46,10 +54,12 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         text = load_text("pydoc").text
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(text.split("\n"), trainers.WordLevelTrainer(vocab_size=vocab_size,
-                                                                      special_tokens=["<unk>", "<s>", "</s>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
+    tok.train_from_iterator(
+        text.split("\n"), trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
 
 
 def main():
@@ -57,9 +67,17 @@ def main():
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=32)
     args = parser.parse_args()
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     shards = [None, *range(args.layers)]

@@ -56,8 +56,13 @@ def main():
     calib = calibration(tokenizer, "c4", n_samples=64, seqlen=512, seed=0)
     forward_s = plain_forward_seconds(model, calib.tokens)
     text = load_text("wikitext2")
-    results = {"model": args.model, "calibration": calib.describe(), "forward_seconds": forward_s,
-               "threads": torch.get_num_threads(), "runs": {}}
+    results = {
+        "model": args.model,
+        "calibration": calib.describe(),
+        "forward_seconds": forward_s,
+        "threads": torch.get_num_threads(),
+        "runs": {},
+    }
     for name in args.runs:
         config = RUNS[name]
         model, tokenizer = load(args.model)
@@ -67,10 +72,16 @@ def main():
             prune(model, config, calib if config.needs_calibration else None, EngineConfig(progress=False))
             prune_s = time.perf_counter() - start
         ppl = perplexity(model, tokenizer, text, seqlen=512, max_windows=args.max_windows, progress=False)
-        results["runs"][name] = {"ppl": ppl.ppl, "windows": ppl.windows, "prune_seconds": prune_s,
-                                 "prune_over_forward": prune_s / forward_s if prune_s else None}
-        print(f"{name:28s} ppl {ppl.ppl:9.3f}  prune {prune_s or 0:7.1f} s  ratio "
-              f"{(prune_s or 0) / forward_s:5.2f}", flush=True)
+        results["runs"][name] = {
+            "ppl": ppl.ppl,
+            "windows": ppl.windows,
+            "prune_seconds": prune_s,
+            "prune_over_forward": prune_s / forward_s if prune_s else None,
+        }
+        print(
+            f"{name:28s} ppl {ppl.ppl:9.3f}  prune {prune_s or 0:7.1f} s  ratio {(prune_s or 0) / forward_s:5.2f}",
+            flush=True,
+        )
     print(f"plain forward over the calibration set: {forward_s:.1f} s")
     if args.json:
         with open(args.json, "w") as fh:

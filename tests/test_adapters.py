@@ -1,10 +1,10 @@
 """Adapters: every family exposes the same view, with the right shapes, and nothing else is accepted."""
 
 import pytest
-from tiny_models import FAMILIES, tiny_model
 
 from prunekit.errors import PrunekitError
 from prunekit.models import get_adapter, linear_weight
+from tiny_models import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

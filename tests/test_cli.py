@@ -5,12 +5,14 @@ import subprocess
 import sys
 
 import pytest
+
 from tiny_models import SAMPLE_TEXT, save_tiny
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "prunekit.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "prunekit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def error_line(result) -> str:
@@ -33,18 +35,36 @@ def tiny_folder(tmp_path_factory):
 def test_prune_then_eval(tiny_folder, tmp_path):
     corpus = str(tiny_folder.parent / "corpus.txt")
     out = tmp_path / "pruned"
-    result = run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out),
-                 "--eval", corpus, "--eval-seqlen", "16", "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    result = run(
+        "prune",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "--out",
+        str(out),
+        "--eval",
+        corpus,
+        "--eval-seqlen",
+        "16",
+        "--device",
+        "cpu",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "50.0%" in result.stdout
     manifest = json.loads((out / "prunekit.json").read_text())
-    assert manifest["method_config"] == {"sparsity": 0.5, "include": [], "exclude": []}
+    assert manifest["method_config"]["sparsity"] == 0.5 and manifest["method_config"]["scope"] == "layer"
     assert manifest["source_model"]["sha256"] and manifest["metrics"]["ppl_after"]["seqlen"] == 16
     assert json.loads((tmp_path / "r.json").read_text())["out"] == str(out)
     assert not (tmp_path / ".pruned.checkpoint").exists()
 
-    result = run("eval", "ppl", "--model", str(out), "--data", corpus, "--seqlen", "16", "--json",
-                 str(tmp_path / "ppl.json"))
+    result = run(
+        "eval", "ppl", "--model", str(out), "--data", corpus, "--seqlen", "16", "--json", str(tmp_path / "ppl.json")
+    )
     assert result.returncode == 0, result.stderr
     ppl = json.loads((tmp_path / "ppl.json").read_text())
     assert ppl["ppl"] == pytest.approx(manifest["metrics"]["ppl_after"]["ppl"], rel=1e-6)
@@ -52,8 +72,24 @@ def test_prune_then_eval(tiny_folder, tmp_path):
 
 def test_prune_with_calibration_and_lazy(tiny_folder, tmp_path):
     corpus = str(tiny_folder.parent / "corpus.txt")
-    result = run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "o"),
-                 "--calib", corpus, "--nsamples", "4", "--seqlen", "16", "--lazy", "--device", "cpu")
+    result = run(
+        "prune",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        "magnitude",
+        "--out",
+        str(tmp_path / "o"),
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--lazy",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
     assert manifest["calibration"]["n_samples"] == 4 and manifest["calibration"]["seed"] == 0
@@ -73,24 +109,59 @@ def test_seqlen_larger_than_data(tiny_folder):
 def test_output_exists_is_refused_before_any_work(tiny_folder, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    line = error_line(run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "out")))
+    line = error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--out", str(tmp_path / "out"))
+    )
     assert "--overwrite" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_wanda_needs_calibration_and_rejects_foreign_options(tiny_folder, tmp_path):
-    assert "--calib" in error_line(run("prune", "--model", str(tiny_folder), "--method", "wanda", "--out", str(tmp_path / "o")))
-    assert "--nm does not apply to --method magnitude" in error_line(
-        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--nm", "2:4", "--out", str(tmp_path / "o")))
-    assert "--nm" in error_line(run("prune", "--model", str(tiny_folder), "--method", "wanda", "--nm", "4:2", "--calib",
-                                    "pydoc", "--out", str(tmp_path / "o")))
+    assert "--calib" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "wanda", "--out", str(tmp_path / "o"))
+    )
+    assert "--owl does not apply to --method magnitude" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--owl", "--out", str(tmp_path / "o"))
+    )
+    assert "--nm" in error_line(
+        run(
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "wanda",
+            "--nm",
+            "4:2",
+            "--calib",
+            "pydoc",
+            "--out",
+            str(tmp_path / "o"),
+        )
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_wanda_nm_end_to_end(tiny_folder, tmp_path):
     corpus = str(tiny_folder.parent / "corpus.txt")
-    result = run("prune", "--model", str(tiny_folder), "--method", "wanda", "--nm", "2:4", "--calib", corpus,
-                 "--nsamples", "4", "--seqlen", "16", "--out", str(tmp_path / "o"), "--device", "cpu")
+    result = run(
+        "prune",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        "wanda",
+        "--nm",
+        "2:4",
+        "--calib",
+        corpus,
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        str(tmp_path / "o"),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
     assert manifest["method"] == "wanda" and manifest["method_config"]["nm"] == "2:4"
@@ -99,9 +170,21 @@ def test_wanda_nm_end_to_end(tiny_folder, tmp_path):
 
 def test_unknown_method_and_bad_sparsity(tiny_folder, tmp_path):
     assert "available: magnitude, wanda, sparsegpt" in error_line(
-        run("prune", "--model", str(tiny_folder), "--method", "nope", "--out", str(tmp_path / "o")))
+        run("prune", "--model", str(tiny_folder), "--method", "nope", "--out", str(tmp_path / "o"))
+    )
     assert "--sparsity" in error_line(
-        run("prune", "--model", str(tiny_folder), "--method", "magnitude", "--sparsity", "1.2", "--out", str(tmp_path / "o")))
+        run(
+            "prune",
+            "--model",
+            str(tiny_folder),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "1.2",
+            "--out",
+            str(tmp_path / "o"),
+        )
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -3,13 +3,13 @@
 import json
 
 import torch
-from tiny_models import save_tiny, tokens
 from transformers import AutoModelForCausalLM
 
 from prunekit import load, save_pruned
 from prunekit.compact import COMPACT_FILE, pack, unpack
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.sequential import EngineConfig
+from tiny_models import save_tiny, tokens
 
 
 def test_pack_unpack_is_exact_for_any_shape_and_dtype():
@@ -29,7 +29,9 @@ def test_compact_folder_is_smaller_and_loads_to_the_same_logits(tmp_path):
     save_pruned(model, tokenizer, tmp_path / "compact", {}, fmt="compact")
     storage = json.loads((tmp_path / "compact" / "prunekit.json").read_text())["storage"]
     assert storage["compact_bytes"] < 0.8 * storage["dense_bytes"]
-    assert (tmp_path / "compact" / COMPACT_FILE).stat().st_size < (tmp_path / "dense" / "model.safetensors").stat().st_size
+    assert (tmp_path / "compact" / COMPACT_FILE).stat().st_size < (
+        tmp_path / "dense" / "model.safetensors"
+    ).stat().st_size
 
     restored, _ = load(tmp_path / "compact")
     ids = tokens(n=2, seqlen=8)
@@ -45,10 +47,22 @@ def test_unpack_cli_gives_a_plain_folder(tmp_path):
     model, tokenizer = load(tmp_path / "src")
     prune(model, MagnitudeConfig(0.5), engine=EngineConfig(progress=False))
     save_pruned(model, tokenizer, tmp_path / "compact", {"method": "magnitude"}, fmt="compact")
-    result = subprocess.run([sys.executable, "-m", "prunekit.cli", "unpack", "--model", str(tmp_path / "compact"),
-                             "--out", str(tmp_path / "plain")], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prunekit.cli",
+            "unpack",
+            "--model",
+            str(tmp_path / "compact"),
+            "--out",
+            str(tmp_path / "plain"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
-    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert json.loads((tmp_path / "plain" / "prunekit.json").read_text())["method"] == "magnitude"

@@ -16,10 +16,48 @@ from prunekit.data import SOURCES, Text, adds_bos, calibration, eval_windows, lo
 from prunekit.errors import PrunekitError
 
 WORDS = [
-    "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda",
-    "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega",
-    "red", "green", "blue", "cyan", "magenta", "yellow", "black", "white", "one", "two", "three",
-    "four", "five", "six", "seven", "eight", "nine", "ten"
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "red",
+    "green",
+    "blue",
+    "cyan",
+    "magenta",
+    "yellow",
+    "black",
+    "white",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
 ]
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 WIKITEXT_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
@@ -159,8 +197,14 @@ def test_calibration_describe_has_the_hashes(corpus_file):
     cal = calibration(tiny_tokenizer(), str(corpus_file), n_samples=3, seqlen=5, seed=7)
     text_sha = hashlib.sha256(corpus_file.read_bytes()).hexdigest()
     tokens_sha = hashlib.sha256(cal.tokens.numpy().tobytes()).hexdigest()
-    assert cal.describe() == {"source": "corpus.txt", "text_sha256": text_sha, "tokens_sha256": tokens_sha,
-                              "n_samples": 3, "seqlen": 5, "seed": 7}
+    assert cal.describe() == {
+        "source": "corpus.txt",
+        "text_sha256": text_sha,
+        "tokens_sha256": tokens_sha,
+        "n_samples": 3,
+        "seqlen": 5,
+        "seed": 7,
+    }
 
 
 def test_calibration_seqlen_not_below_the_corpus_is_an_error(tmp_path):
@@ -252,8 +296,9 @@ def test_prunekit_data_folder_is_searched_first(tmp_path, monkeypatch):
 def test_missing_wikitext_without_datasets_is_one_line_naming_prunekit_data(tmp_path, monkeypatch):
     monkeypatch.setattr(prunekit.data, "data_dirs", lambda: [tmp_path])
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "datasets" else real_find_spec(name, *a, **k))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == "datasets" else real_find_spec(name, *a, **k)
+    )
     with pytest.raises(PrunekitError) as err:
         load_text("wikitext2")
     message = str(err.value)

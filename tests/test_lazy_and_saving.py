@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from tiny_models import save_tiny, tokens
 from transformers import AutoModelForCausalLM
 
 from prunekit import load
@@ -13,6 +12,7 @@ from prunekit.errors import PrunekitError
 from prunekit.io import MANIFEST, check_output, save_pruned
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.sequential import EngineConfig
+from tiny_models import save_tiny, tokens
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -22,7 +22,9 @@ def test_lazy_model_prunes_like_an_eager_one_with_one_block_in_memory(tmp_path, 
     prune(eager, MagnitudeConfig(0.5), engine=EngineConfig(progress=False))
 
     lazy, _ = load(tmp_path / "src", lazy=True)
-    blocks = lazy.get_submodule({"llama": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers"}[family])
+    blocks = lazy.get_submodule(
+        {"llama": "model.layers", "gpt2": "transformer.h", "opt": "model.decoder.layers"}[family]
+    )
     assert all(p.is_meta for p in blocks.parameters())
     in_memory = []
     from prunekit.methods import METHODS
@@ -42,7 +44,7 @@ def test_lazy_model_prunes_like_an_eager_one_with_one_block_in_memory(tmp_path, 
 
     save_pruned(lazy, tokenizer, tmp_path / "lazy-out", {"method": "magnitude"})
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy-out")
-    for (name, a), b in zip(eager.state_dict().items(), reloaded.state_dict().values()):
+    for (name, a), b in zip(eager.state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import save_tiny, tokens
 
 from prunekit import load
 from prunekit.errors import PrunekitError
 from prunekit.loading import resolve_dtype
+from tiny_models import save_tiny, tokens
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -70,7 +70,9 @@ def test_corrupt_safetensors(tmp_path, damage):
 def test_unsupported_architecture_lists_families(tmp_path):
     from transformers import AutoModelForCausalLM, BloomConfig
 
-    AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(PrunekitError) as err:
         load(tmp_path)
     message = one_line(err)

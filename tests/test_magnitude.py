@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.methods.magnitude import magnitude_mask
 from prunekit.models import get_adapter, linear_weight
 from prunekit.sequential import EngineConfig
+from tiny_models import FAMILIES, tiny_model
 
 
 def test_mask_by_hand():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import tiny_model, tokens
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import MagnitudeConfig, prune
@@ -11,6 +10,7 @@ from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain, sparse_m
 from prunekit.models import get_adapter, linear_weight
 from prunekit.recover import FinetuneConfig, finetune, mask_optimizer_state
 from prunekit.sequential import EngineConfig
+from tiny_models import tiny_model, tokens
 
 
 def test_global_counts_by_hand():
@@ -30,7 +30,7 @@ def test_global_scope_prunes_unevenly_with_exact_total():
             p.mul_(10)
     result = prune(model, MagnitudeConfig(0.5, scope="global"), engine=EngineConfig(progress=False))
     adapter = get_adapter(model)
-    weights = [linear_weight(l) for i in range(2) for l in adapter.block(i).linears().values()]
+    weights = [linear_weight(lin) for i in range(2) for lin in adapter.block(i).linears().values()]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(0.5 * sum(w.numel() for w in weights))
     per_block = [sum(b["sparsity"].values()) / len(b["sparsity"]) for b in result.engine.blocks]
@@ -70,8 +70,12 @@ def test_optimizer_state_is_masked():
 
 def test_prune_retrain_follows_the_schedule():
     model = tiny_model("llama")
-    stages = prune_retrain(model, tokens(n=8, seqlen=16),
-                           PruneRetrainConfig([0.3, 0.6], FinetuneConfig(steps=3, lr=1e-3)), evaluate=lambda: 1.0,
-                           progress=False)
+    stages = prune_retrain(
+        model,
+        tokens(n=8, seqlen=16),
+        PruneRetrainConfig([0.3, 0.6], FinetuneConfig(steps=3, lr=1e-3)),
+        evaluate=lambda: 1.0,
+        progress=False,
+    )
     assert [round(s["achieved"], 2) for s in stages] == [0.3, 0.6]
     assert all(s["metric"] == 1.0 for s in stages)

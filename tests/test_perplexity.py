@@ -83,8 +83,7 @@ def test_uniform_logits_give_perplexity_equal_to_the_vocabulary(vocab):
 def test_known_next_token_probabilities_give_the_hand_computed_perplexity():
     # 14 digits, seqlen 4 -> windows 0120 | 1201 | 2012, tail "01" dropped. Inside each window two
     # transitions are successors (p = 1/2) and one is not (p = 1/6); pairs across windows never count.
-    result = perplexity(successor_model(), DIGITS, text("01201201201201"), seqlen=4, batch_size=2,
-                        progress=False)
+    result = perplexity(successor_model(), DIGITS, text("01201201201201"), seqlen=4, batch_size=2, progress=False)
     expected_nll = (2 * math.log(2) + math.log(6)) / 3
     assert result.windows == 3 and result.tokens == 9
     assert abs(result.nll - expected_nll) < 1e-6
@@ -135,8 +134,7 @@ def test_result_records_dataset_hash_windows_tokens_and_bos_mode():
 
 def test_max_windows_limits_the_windows_evaluated():
     model = uniform_model(VOCAB)
-    result = perplexity(model, FakeTokenizer(), text(ENGLISH), seqlen=16, max_windows=5, batch_size=2,
-                        progress=False)
+    result = perplexity(model, FakeTokenizer(), text(ENGLISH), seqlen=16, max_windows=5, batch_size=2, progress=False)
     assert result.windows == 5 and result.tokens == 5 * 15
     assert [b.shape[0] for b in model.batches] == [2, 2, 1]
     fed = torch.cat(model.batches).flatten().tolist()

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model, tokens
 
 from prunekit.errors import PrunekitError
 from prunekit.models import get_adapter
 from prunekit.sequential import EngineConfig, run_sequential, sequential_logits
+from tiny_models import FAMILIES, tiny_model, tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,7 +56,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(family, tmp_path):
     report = run_sequential(fresh, scale_block, ids, config, fingerprint="run-a")
     assert calls == [0] and report.resumed_from == 1
     assert [b["block"] for b in report.blocks] == list(range(get_adapter(fresh).num_blocks()))
-    for (name, a), b in zip(reference.state_dict().items(), fresh.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

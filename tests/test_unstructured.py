@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model, tokens
 
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
@@ -15,6 +14,7 @@ from prunekit.methods.stats import Hessian, InputNorms
 from prunekit.methods.wanda import wanda_mask, wanda_scores
 from prunekit.models import get_adapter, linear_weight
 from prunekit.sequential import EngineConfig
+from tiny_models import FAMILIES, tiny_model, tokens
 
 
 def test_wanda_and_magnitude_disagree_on_a_hand_computed_row():
@@ -122,9 +122,16 @@ def calib(n=4, seqlen=16):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("config", [WandaConfig(0.5), WandaConfig(nm="2:4", order="block"),
-                                    SparseGPTConfig(0.5, blocksize=16), SparseGPTConfig(nm="4:8", order="block")],
-                         ids=["wanda", "wanda-2:4-block", "sparsegpt", "sparsegpt-4:8-block"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        WandaConfig(0.5),
+        WandaConfig(nm="2:4", order="block"),
+        SparseGPTConfig(0.5, blocksize=16),
+        SparseGPTConfig(nm="4:8", order="block"),
+    ],
+    ids=["wanda", "wanda-2:4-block", "sparsegpt", "sparsegpt-4:8-block"],
+)
 def test_every_family_gets_the_requested_sparsity(family, config):
     model = tiny_model(family)
     prune(model, config, calib(), EngineConfig(batch_size=2, progress=False))
@@ -166,7 +173,9 @@ def test_sequential_order_output_equals_rerun_of_the_pruned_block():
     prune(model, WandaConfig(0.5), calib(), EngineConfig(progress=False))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    assert torch.allclose(sequential_logits(model, ids, EngineConfig(batch_size=4, progress=False)), expected, atol=1e-5)
+    assert torch.allclose(
+        sequential_logits(model, ids, EngineConfig(batch_size=4, progress=False)), expected, atol=1e-5
+    )
 
 
 def test_owl_gives_blocks_different_sparsities_with_the_same_mean():
@@ -179,7 +188,9 @@ def test_owl_gives_blocks_different_sparsities_with_the_same_mean():
 
 def test_include_exclude_select_layers():
     model = tiny_model("llama")
-    prune(model, WandaConfig(0.5, include=("mlp.*",), exclude=("mlp.down_proj",)), calib(), EngineConfig(progress=False))
+    prune(
+        model, WandaConfig(0.5, include=("mlp.*",), exclude=("mlp.down_proj",)), calib(), EngineConfig(progress=False)
+    )
     block = get_adapter(model).block(0)
     assert (linear_weight(block.mlp.gate) == 0).float().mean() == 0.5
     assert (linear_weight(block.mlp.down) == 0).sum() == 0

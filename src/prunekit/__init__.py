@@ -7,8 +7,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
-from prunekit.errors import PrunekitError  # noqa: E402
-from prunekit.io import save_pruned  # noqa: E402
-from prunekit.loading import load  # noqa: E402
+from prunekit.errors import PrunekitError
+from prunekit.io import save_pruned
+from prunekit.loading import load
 
 __all__ = ["PrunekitError", "__version__", "load", "save_pruned"]

@@ -18,8 +18,12 @@ import typer
 
 from prunekit.errors import PrunekitError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Make Hugging Face causal LMs smaller and faster by pruning.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Make Hugging Face causal LMs smaller and faster by pruning.",
+)
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model.")
 app.add_typer(eval_app, name="eval")
 
@@ -79,8 +83,9 @@ def eval_ppl(
     from prunekit.loading import load
 
     text = load_text(data)
-    lm, tokenizer = load(model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code)
+    lm, tokenizer = load(
+        model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     result = perplexity(lm, tokenizer, text, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, bos=bos)
     typer.echo(f"{model}: {result.summary()}")
     _write_json(json_out, {"model": model, **result.to_dict()})
@@ -94,8 +99,11 @@ def prune(
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     sparsity: float = typer.Option(0.5, help="Fraction of weights to remove from each linear layer."),
     nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 or 4:8: prune N of every M weights."),
-    order: Optional[str] = typer.Option(None, help="wanda/sparsegpt: 'sequential' (one pass per block) or "
-                                        "'block' (reference order: score the dense block, prune, re-run)."),
+    order: Optional[str] = typer.Option(
+        None,
+        help="wanda/sparsegpt: 'sequential' (one pass per block) or "
+        "'block' (reference order: score the dense block, prune, re-run).",
+    ),
     scope: Optional[str] = typer.Option(None, help="magnitude: 'layer' (per matrix) or 'global' (one threshold)."),
     std_quality: Optional[float] = typer.Option(None, help="magnitude: Han et al.'s threshold, q * std(W) per layer."),
     include: Optional[list[str]] = typer.Option(None, help="Only linears matching this pattern (e.g. 'mlp.*')."),
@@ -117,11 +125,16 @@ def prune(
     batch_size: int = typer.Option(1, help="Calibration samples per forward pass."),
     propagate: str = typer.Option("pruned", help="Feed the next block 'pruned' or 'dense' outputs."),
     lazy: bool = typer.Option(False, help="Keep blocks on disk until reached (models larger than memory)."),
-    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where finished blocks are checkpointed "
-                                                  "(default: beside --out); a rerun resumes from it."),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, help="Where finished blocks are checkpointed (default: beside --out); a rerun resumes from it."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    fmt: str = typer.Option("dense", "--format", help="'dense': a standard HF folder; 'compact': sparse "
-                            "matrices as bitmask + values (smaller on disk; prunekit.load or unpack restores it)."),
+    fmt: str = typer.Option(
+        "dense",
+        "--format",
+        help="'dense': a standard HF folder; 'compact': sparse "
+        "matrices as bitmask + values (smaller on disk; prunekit.load or unpack restores it).",
+    ),
     allow_pickle: bool = typer.Option(False, help="Allow pickle (.bin) weights."),
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report to this JSON file."),
@@ -132,9 +145,19 @@ def prune(
     from prunekit.sequential import EngineConfig
 
     method_config = method_config_from_options(
-        method, sparsity=sparsity, nm=nm, order=order, scope=scope, std_quality=std_quality, include=include,
-        exclude=exclude, owl=owl,
-        owl_lambda=owl_lambda, blocksize=blocksize, percdamp=percdamp, hessian_dtype=hessian_dtype,
+        method,
+        sparsity=sparsity,
+        nm=nm,
+        order=order,
+        scope=scope,
+        std_quality=std_quality,
+        include=include,
+        exclude=exclude,
+        owl=owl,
+        owl_lambda=owl_lambda,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        hessian_dtype=hessian_dtype,
     )
     if getattr(method_config, "needs_calibration", False) and calib is None:
         raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
@@ -147,16 +170,24 @@ def prune(
         raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
     text = load_text(eval_data) if eval_data else None
     checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.checkpoint"
-    engine = EngineConfig(device=_device(device), batch_size=batch_size, propagate=propagate,
-                          checkpoint_dir=checkpoint_dir)
+    engine = EngineConfig(
+        device=_device(device), batch_size=batch_size, propagate=propagate, checkpoint_dir=checkpoint_dir
+    )
     from prunekit.loading import load
 
     # A lazy model stays on disk and the CPU; the engine brings each block to the compute device.
-    lm, tokenizer = load(model, dtype=dtype, device="cpu" if lazy else engine.device, allow_pickle=allow_pickle,
-                         trust_remote_code=trust_remote_code, lazy=lazy)
+    lm, tokenizer = load(
+        model,
+        dtype=dtype,
+        device="cpu" if lazy else engine.device,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        lazy=lazy,
+    )
     calib_data = calibration(tokenizer, calib, nsamples, seqlen, seed) if calib else None
-    report = run_prune_job(lm, tokenizer, model, method_config, calib_data, engine, out, overwrite,
-                           text, eval_seqlen, max_windows, fmt)
+    report = run_prune_job(
+        lm, tokenizer, model, method_config, calib_data, engine, out, overwrite, text, eval_seqlen, max_windows, fmt
+    )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     typer.echo(format_report(report))
     _write_json(json_out, report)
@@ -178,8 +209,20 @@ def method_config_from_options(method: str, **options):
     return cls(**given)
 
 
-def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, out, overwrite, text,
-                  eval_seqlen, max_windows, fmt="dense") -> dict:
+def run_prune_job(
+    lm,
+    tokenizer,
+    model_name,
+    method_config,
+    calib_data,
+    engine,
+    out,
+    overwrite,
+    text,
+    eval_seqlen,
+    max_windows,
+    fmt="dense",
+) -> dict:
     """Evaluate, prune, evaluate, save: the job shared by ``prune`` and ``demo``."""
     from prunekit.evaluate import perplexity
     from prunekit.io import build_manifest, save_pruned
@@ -197,8 +240,12 @@ def run_prune_job(lm, tokenizer, model_name, method_config, calib_data, engine, 
     if text is not None:
         metrics["ppl_after"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
     manifest = build_manifest(
-        source=model_name, source_folder=resolve_folder(model_name), method=result.method,
-        method_config=result.config, calibration=result.calibration, metrics=metrics,
+        source=model_name,
+        source_folder=resolve_folder(model_name),
+        method=result.method,
+        method_config=result.config,
+        calibration=result.calibration,
+        metrics=metrics,
     )
     save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt)
     return {"out": str(out), **manifest}
@@ -265,8 +312,19 @@ def demo(
     text = load_text(data)
     typer.echo("loading smollm2-135m (the first run dequantizes the packaged GGUF once)...")
     lm, tokenizer = load("smollm2-135m")
-    report = run_prune_job(lm, tokenizer, "smollm2-135m", MagnitudeConfig(0.5), None,
-                           EngineConfig(device="cpu"), out, overwrite, text, 512, max_windows)
+    report = run_prune_job(
+        lm,
+        tokenizer,
+        "smollm2-135m",
+        MagnitudeConfig(0.5),
+        None,
+        EngineConfig(device="cpu"),
+        out,
+        overwrite,
+        text,
+        512,
+        max_windows,
+    )
     typer.echo(format_report(report))
 
 

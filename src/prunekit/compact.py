@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prunekit.models import tied_parameter_names
+
 COMPACT_FILE = "model.compact.safetensors"
 FORMAT = "prunekit-compact-v1"
 MIN_SPARSITY = 0.25  # below this the mask costs more than the zeros it saves (for 16-bit weights)
@@ -76,9 +78,11 @@ def load_compact_model(folder: Path, config, dtype: torch.dtype, device):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = read_compact_weights(folder / COMPACT_FILE)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    tied = set(model.get_expanded_tied_weights_keys()) if config.tie_word_embeddings else set()
+    tied = tied_parameter_names(model)
     if unexpected or set(missing) - tied:
-        raise ValueError(f"compact weights do not match the config: missing {sorted(set(missing) - tied)[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"compact weights do not match the config: missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     return model.to(device)

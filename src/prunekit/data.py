@@ -195,8 +195,14 @@ class Calibration:
 
     def describe(self) -> dict:
         n, seqlen = self.tokens.shape
-        return {"source": self.source, "text_sha256": self.text_sha256, "tokens_sha256": self.sha256,
-                "n_samples": n, "seqlen": seqlen, "seed": self.seed}
+        return {
+            "source": self.source,
+            "text_sha256": self.text_sha256,
+            "tokens_sha256": self.sha256,
+            "n_samples": n,
+            "seqlen": seqlen,
+            "seed": self.seed,
+        }
 
 
 def calibration(tokenizer, source: str = "c4", n_samples: int = 128, seqlen: int = 2048, seed: int = 0):

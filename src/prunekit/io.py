@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
 from prunekit.lazy import is_lazy, weight_source
+from prunekit.models import get_adapter, tied_parameter_names
 
 MANIFEST = "prunekit.json"
 
@@ -35,7 +36,9 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
         if out.is_file():
             raise PrunekitError(f"output {out} is a file; choose a folder path for --out")
         if any(out.iterdir()) and not (out / MANIFEST).exists():
-            raise PrunekitError(f"{out} exists and is not a prunekit output; refusing to replace it, choose another --out")
+            raise PrunekitError(
+                f"{out} exists and is not a prunekit output; refusing to replace it, choose another --out"
+            )
     if not out.parent.exists():
         raise PrunekitError(f"the parent folder of --out ({out.parent}) does not exist; create it first")
     return out
@@ -44,8 +47,9 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
 FORMATS = ("dense", "compact")
 
 
-def save_pruned(model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False,
-                fmt: str = "dense") -> Path:
+def save_pruned(
+    model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False, fmt: str = "dense"
+) -> Path:
     """Write ``model``, ``tokenizer`` and ``manifest`` to ``out`` atomically.
 
     ``fmt="dense"``: a standard Hugging Face folder (zeros stored as zeros; any tool loads it).
@@ -98,7 +102,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def _save_compact(model, folder: Path) -> dict:
     from prunekit.compact import save_compact_weights
 
-    tied = set(model.get_expanded_tied_weights_keys()) if model.config.tie_word_embeddings else set()
+    tied = tied_parameter_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
@@ -108,11 +112,10 @@ def _save_compact(model, folder: Path) -> dict:
 
 def _save_streaming(model, folder: Path) -> None:
     """Save a lazy model one shard per block, reading each block from its checkpoint file."""
-    from prunekit.models import get_adapter
 
     source = weight_source(model)
     prefix = get_adapter(model).blocks_path + "."
-    tied = set(model.get_expanded_tied_weights_keys()) if model.config.tie_word_embeddings else set()
+    tied = tied_parameter_names(model)
     groups: dict[str, list[str]] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name in tied:
@@ -121,7 +124,7 @@ def _save_streaming(model, folder: Path) -> None:
         groups.setdefault(key, []).append(name)
     params = dict(model.named_parameters(remove_duplicate=False))
     weight_map, total = {}, 0
-    for n, (group, names) in enumerate(groups.items(), 1):
+    for n, names in enumerate(groups.values(), 1):
         shard = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name in names:
@@ -150,8 +153,16 @@ def folder_sha256(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def build_manifest(*, source: str, source_folder: Path | None, method: str | None, method_config: dict | None,
-                   calibration: dict | None, metrics: dict, extra: dict | None = None) -> dict:
+def build_manifest(
+    *,
+    source: str,
+    source_folder: Path | None,
+    method: str | None,
+    method_config: dict | None,
+    calibration: dict | None,
+    metrics: dict,
+    extra: dict | None = None,
+) -> dict:
     import transformers
 
     from prunekit import __version__
@@ -168,7 +179,10 @@ def build_manifest(*, source: str, source_folder: Path | None, method: str | Non
         },
         "calibration": calibration,
         "metrics": metrics,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         **(extra or {}),
     }

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from prunekit.models import get_adapter, tied_parameter_names
+
 SOURCE_ATTR = "prunekit_weight_source"
 
 
@@ -63,14 +65,12 @@ def load_lazy(folder: Path, config, dtype: torch.dtype, device) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from prunekit.models import get_adapter
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     source = WeightSource(folder, dtype)
     setattr(model, SOURCE_ATTR, source)
     blocks_prefix = get_adapter(model).blocks_path + "."
-    tied = set(model.get_expanded_tied_weights_keys()) if config.tie_word_embeddings else set()
+    tied = tied_parameter_names(model)
     for name, _ in model.named_parameters():
         if not name.startswith(blocks_prefix) and name not in tied:
             _set_param(model, name, source.read(name).to(device))

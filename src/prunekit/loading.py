@@ -234,7 +234,11 @@ def _load_from_hub(name: str, dtype, device, trust_remote_code):
     adapter_for_config(config)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=local_only)
     model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code, use_safetensors=True,
+        name,
+        dtype=dtype,
+        device_map=str(device),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
         local_files_only=local_only,
     )
     return model.eval(), tokenizer

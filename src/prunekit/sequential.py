@@ -15,6 +15,7 @@ positional) without running any block. A ``StopForward`` ends the pass at the la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,10 +147,8 @@ def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
             for i in range(len(blocks)):
                 blocks[i] = _Recorder(i, len(blocks) - 1, sink, first_inputs, config.offload_device)
             model.to(device)  # only the parts outside the blocks: the blocks are recorders now
-            try:
+            with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
-            except StopForward:
-                pass
             memo: dict = {}
             calls.append([to_device(sink[i], config.offload_device, memo) for i in range(len(blocks))])
     finally:
@@ -163,8 +162,13 @@ def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
 
 
 def run_sequential(
-    model, process: BlockFn, tokens: torch.Tensor | None, config: EngineConfig, fingerprint: str = "",
-    keep_outputs: bool = False, read_only: bool = False,
+    model,
+    process: BlockFn,
+    tokens: torch.Tensor | None,
+    config: EngineConfig,
+    fingerprint: str = "",
+    keep_outputs: bool = False,
+    read_only: bool = False,
 ) -> EngineReport:
     """Run ``process`` on every decoder block in order (see the module docstring).
 
@@ -198,8 +202,14 @@ def run_sequential(
             inputs = checkpoint.load_inputs()
         report.resumed_from = done
 
-    bar = tqdm(range(done, len(blocks)), desc="blocks", unit="block", disable=not config.progress,
-               initial=done, total=len(blocks))
+    bar = tqdm(
+        range(done, len(blocks)),
+        desc="blocks",
+        unit="block",
+        disable=not config.progress,
+        initial=done,
+        total=len(blocks),
+    )
     for i in bar:
         block_module = blocks[i]
         home = next(block_module.parameters()).device
@@ -207,7 +217,7 @@ def run_sequential(
             materialize(model, f"{adapter.blocks_path}.{i}", block_module, device)
         block_module.to(device)
 
-        def run(i=i, module=block_module):
+        def run(i=i, module=block_module, inputs=inputs):
             return _run_block(module, inputs, [c[i] for c in calls], device, config.offload_device)
 
         outputs = run() if (inputs is not None and config.propagate == "dense") else None
@@ -231,7 +241,7 @@ def run_sequential(
 @torch.no_grad()
 def _run_block(module, inputs, calls, device, offload) -> list[torch.Tensor]:
     outputs = []
-    for hidden, (args, kwargs) in zip(inputs, calls):
+    for hidden, (args, kwargs) in zip(inputs, calls, strict=True):
         memo: dict = {}
         out = module(hidden.to(device), *to_device(args, device, memo), **to_device(kwargs, device, memo))
         if isinstance(out, tuple):
@@ -274,8 +284,12 @@ class _Checkpoint:
             _atomic_save({f"batch_{b}": h.contiguous() for b, h in enumerate(outputs)}, self.folder / INPUTS_FILE)
         if lazy:
             weight_source(model).redirect(list(tensors), self.block_file(index))
-        state = {"fingerprint": self.fingerprint, "num_blocks": len(adapter.blocks()), "done": index + 1,
-                 "reports": reports}
+        state = {
+            "fingerprint": self.fingerprint,
+            "num_blocks": len(adapter.blocks()),
+            "done": index + 1,
+            "reports": reports,
+        }
         _atomic_write_text(self.folder / STATE_FILE, json.dumps(state, indent=1))
 
     def restore_block(self, model, adapter, index, lazy) -> None:

@@ -33,8 +33,10 @@ class PerplexityResult:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"{self.dataset} perplexity {self.ppl:.3f} (seqlen {self.seqlen}, {self.windows} windows, "
-                f"{self.tokens} tokens)")
+        return (
+            f"{self.dataset} perplexity {self.ppl:.3f} (seqlen {self.seqlen}, {self.windows} windows, "
+            f"{self.tokens} tokens)"
+        )
 
 
 @torch.no_grad()
@@ -74,6 +76,13 @@ def perplexity(
     tokens = windows.shape[0] * (seqlen - 1)
     nll = (total_nll / tokens).item()
     return PerplexityResult(
-        dataset=text.name, dataset_sha256=text.sha256, seqlen=seqlen, windows=windows.shape[0],
-        tokens=tokens, bos=bos, nll=nll, ppl=math.exp(nll), seconds=time.perf_counter() - start,
+        dataset=text.name,
+        dataset_sha256=text.sha256,
+        seqlen=seqlen,
+        windows=windows.shape[0],
+        tokens=tokens,
+        bos=bos,
+        nll=nll,
+        ppl=math.exp(nll),
+        seconds=time.perf_counter() - start,
     )

@@ -16,6 +16,7 @@ from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
 from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_sequential
 
+
 @dataclass(frozen=True)
 class Method:
     block: Callable[[object, BlockStep], dict]  # prune one block: (config, step) -> report
@@ -79,11 +80,19 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
     if method.prepare is not None:
         config = method.prepare(config, model, calibration, engine)
     report = run_sequential(
-        model, lambda step: method.block(config, step), calibration.tokens if calibration else None, engine,
+        model,
+        lambda step: method.block(config, step),
+        calibration.tokens if calibration else None,
+        engine,
         fingerprint=fingerprint,
     )
-    return PruneResult(method_name(config), asdict(config), report,
-                       calibration.describe() if calibration else None, time.perf_counter() - start)
+    return PruneResult(
+        method_name(config),
+        asdict(config),
+        report,
+        calibration.describe() if calibration else None,
+        time.perf_counter() - start,
+    )
 
 
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (each registers itself)
@@ -92,5 +101,13 @@ from prunekit.methods.wanda import WandaConfig  # noqa: E402
 
 CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig)}
 
-__all__ = ["CONFIGS", "METHODS", "MagnitudeConfig", "PruneResult", "SparseGPTConfig", "WandaConfig", "prune",
-           "register"]
+__all__ = [
+    "CONFIGS",
+    "METHODS",
+    "MagnitudeConfig",
+    "PruneResult",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "prune",
+    "register",
+]

@@ -42,19 +42,32 @@ def sparse_masks(model, include=(), exclude=()) -> dict[torch.nn.Parameter, torc
     return masks
 
 
-def prune_retrain(model, train_tokens: torch.Tensor, config: PruneRetrainConfig,
-                  evaluate: Callable[[], float] | None = None, progress: bool = True) -> list[dict]:
+def prune_retrain(
+    model,
+    train_tokens: torch.Tensor,
+    config: PruneRetrainConfig,
+    evaluate: Callable[[], float] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Run the schedule; after each stage record the sparsity, the training loss and ``evaluate()``."""
     optimizer = make_optimizer(model, config.finetune)  # one optimizer: its state is masked at each stage
     stages = []
     for stage, sparsity in enumerate(config.schedule):
-        prune(model, MagnitudeConfig(sparsity, include=config.include, exclude=config.exclude),
-              engine=EngineConfig(progress=False))
+        prune(
+            model,
+            MagnitudeConfig(sparsity, include=config.include, exclude=config.exclude),
+            engine=EngineConfig(progress=False),
+        )
         masks = sparse_masks(model, config.include, config.exclude)
         train = finetune(model, train_tokens, config.finetune, masks, optimizer, progress=progress)
         achieved = sum(int((p == 0).sum()) for p in masks) / sum(p.numel() for p in masks)
-        record = {"stage": stage, "sparsity": sparsity, "achieved": achieved,
-                  "final_loss": train.losses[-1] if train.losses else None, "train_seconds": train.seconds}
+        record = {
+            "stage": stage,
+            "sparsity": sparsity,
+            "achieved": achieved,
+            "final_loss": train.losses[-1] if train.losses else None,
+            "train_seconds": train.seconds,
+        }
         if evaluate is not None:
             record["metric"] = evaluate()
         log.info("prune-retrain stage %d: %s", stage, record)

@@ -61,8 +61,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, tries: int = 
     raise PrunekitError("SparseGPT: the Hessian stayed singular after raising the dampening; add calibration data")
 
 
-def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
     """The pruned and updated weight [out, in] (float32 maths, returned in the weight's dtype)."""
     W = weight.detach().to(hessian.dtype).clone()
     H = hessian.clone()
@@ -77,7 +83,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         d = torch.diag(Hinv1)
         errors = torch.zeros_like(W1)
         # pruned[r, c] is True where the weight goes; unstructured: chosen for the whole block now.
-        pruned = ~matrix_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity) if nm is None else torch.zeros_like(W1, dtype=torch.bool)
+        pruned = (
+            ~matrix_mask(W1**2 / d.unsqueeze(0) ** 2, sparsity)
+            if nm is None
+            else torch.zeros_like(W1, dtype=torch.bool)
+        )
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
@@ -103,7 +113,8 @@ def sparsegpt_block(config: SparseGPTConfig, step) -> dict:
     def prune_linear(linear, stats: Hessian) -> None:
         weight = linear_weight(linear)
         with torch.no_grad():
-            weight.copy_(sparsegpt_prune(weight, stats.matrix, sparsity, config.nm_pair, config.blocksize,
-                                         config.percdamp))
+            weight.copy_(
+                sparsegpt_prune(weight, stats.matrix, sparsity, config.nm_pair, config.blocksize, config.percdamp)
+            )
 
     return prune_block(config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), prune_linear)

@@ -77,8 +77,9 @@ def select_linears(block, include: tuple[str, ...], exclude: tuple[str, ...]) ->
 PruneLinear = Callable[[nn.Module, object], None]  # (linear, statistics) -> prune in place
 
 
-def prune_block(config: UnstructuredConfig, step, new_stats: Callable[[nn.Module], object],
-                prune_linear: PruneLinear) -> dict:
+def prune_block(
+    config: UnstructuredConfig, step, new_stats: Callable[[nn.Module], object], prune_linear: PruneLinear
+) -> dict:
     """Collect ``new_stats`` for each selected linear and call ``prune_linear``, in ``config.order``."""
     linears = select_linears(step.block, config.include, config.exclude)
     if config.order == "sequential":

@@ -12,9 +12,19 @@ from prunekit.models.base import (
     is_linear,
     linear_weight,
     supported_families,
+    tied_parameter_names,
 )
 
 __all__ = [
-    "ADAPTERS", "Attention", "Block", "Mlp", "ModelAdapter", "adapter_for_config", "get_adapter",
-    "is_linear", "linear_weight", "supported_families",
+    "ADAPTERS",
+    "Attention",
+    "Block",
+    "Mlp",
+    "ModelAdapter",
+    "adapter_for_config",
+    "get_adapter",
+    "is_linear",
+    "linear_weight",
+    "supported_families",
+    "tied_parameter_names",
 ]

@@ -28,6 +28,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters that are another parameter under a second name (a tied lm_head); saved once."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return set(model.get_expanded_tied_weights_keys())
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -164,9 +171,7 @@ def adapter_for_config(config) -> type[ModelAdapter]:
     """The adapter class for a config; an unsupported one gets an error listing the families."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
-        raise PrunekitError(
-            f"unsupported architecture {model_type!r}; supported families: {supported_families()}"
-        )
+        raise PrunekitError(f"unsupported architecture {model_type!r}; supported families: {supported_families()}")
     return ADAPTERS[model_type]
 
 

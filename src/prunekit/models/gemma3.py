@@ -17,8 +17,13 @@ class Gemma3Adapter(ModelAdapter):
         attn = block.self_attn
         heads, kv, head_dim = self._heads()
         return Attention(
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+            q=attn.q_proj,
+            k=attn.k_proj,
+            v=attn.v_proj,
+            o=attn.o_proj,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
             extra_norms={"q_norm": attn.q_norm, "k_norm": attn.k_norm},
         )
 
@@ -26,8 +31,12 @@ class Gemma3Adapter(ModelAdapter):
         return Mlp(gate=block.mlp.gate_proj, up=block.mlp.up_proj, down=block.mlp.down_proj)
 
     def norms(self, block):
-        names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm")
+        names = (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        )
         return {name.removesuffix("_layernorm"): getattr(block, name) for name in names}
 
     def logits(self, hidden):

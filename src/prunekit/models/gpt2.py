@@ -13,8 +13,9 @@ class Gpt2Adapter(ModelAdapter):
 
     def attention(self, block):
         heads, kv, head_dim = self._heads()
-        return Attention(qkv=block.attn.c_attn, o=block.attn.c_proj, num_heads=heads, num_kv_heads=kv,
-                         head_dim=head_dim)
+        return Attention(
+            qkv=block.attn.c_attn, o=block.attn.c_proj, num_heads=heads, num_kv_heads=kv, head_dim=head_dim
+        )
 
     def mlp(self, block):
         return Mlp(up=block.mlp.c_fc, down=block.mlp.c_proj)

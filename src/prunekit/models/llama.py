@@ -16,8 +16,14 @@ class LlamaAdapter(ModelAdapter):
         heads, kv, head_dim = self._heads()
         extra = {name: getattr(attn, name) for name in ("q_norm", "k_norm") if hasattr(attn, name)}
         return Attention(
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-            num_heads=heads, num_kv_heads=kv, head_dim=head_dim, extra_norms=extra,
+            q=attn.q_proj,
+            k=attn.k_proj,
+            v=attn.v_proj,
+            o=attn.o_proj,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            extra_norms=extra,
         )
 
     def mlp(self, block):

@@ -15,8 +15,13 @@ class OptAdapter(ModelAdapter):
         attn = block.self_attn
         heads, kv, head_dim = self._heads()
         return Attention(
-            q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.out_proj,
-            num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+            q=attn.q_proj,
+            k=attn.k_proj,
+            v=attn.v_proj,
+            o=attn.out_proj,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
         )
 
     def mlp(self, block):

@@ -54,9 +54,14 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, masks: dict[nn.Parame
                 value.mul_(mask)
 
 
-def finetune(model: nn.Module, tokens: torch.Tensor, config: FinetuneConfig,
-             masks: dict[nn.Parameter, torch.Tensor] | None = None,
-             optimizer: torch.optim.Optimizer | None = None, progress: bool = True) -> FinetuneReport:
+def finetune(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    config: FinetuneConfig,
+    masks: dict[nn.Parameter, torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    progress: bool = True,
+) -> FinetuneReport:
     """Train on random batches of ``tokens`` [n, seqlen] with the causal LM loss."""
     masks = masks or {}
     optimizer = optimizer or make_optimizer(model, config)
