@@ -197,3 +197,35 @@ def test_corrupt_weights_leave_no_output(tiny_folder, tmp_path):
     line = error_line(run("prune", "--model", str(broken), "--method", "magnitude", "--out", str(tmp_path / "o")))
     assert "not a valid safetensors file" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_retrain_end_to_end(tiny_folder, tmp_path):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    result = run(
+        "prune-retrain",
+        "--model",
+        str(tiny_folder),
+        "--schedule",
+        "0.3,0.6",
+        "--steps",
+        "2",
+        "--train-data",
+        corpus,
+        "--train-seqlen",
+        "16",
+        "--eval",
+        corpus,
+        "--eval-seqlen",
+        "16",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "stage 1: sparsity 60.0%" in result.stdout
+    stages = json.loads((tmp_path / "o" / "prunekit.json").read_text())["metrics"]["stages"]
+    assert [s["sparsity"] for s in stages] == [0.3, 0.6] and all("metric" in s for s in stages)
+    assert "--schedule" in error_line(
+        run("prune-retrain", "--model", str(tiny_folder), "--schedule", "0.6,0.3", "--out", str(tmp_path / "p"))
+    )

@@ -6,6 +6,7 @@ are printed as one line (``prunekit: error: ...``) with exit status 2, never as 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -195,7 +196,6 @@ def prune(
 
 def method_config_from_options(method: str, **options):
     """The method's config from the options the user set; an option the method does not take is an error."""
-    import dataclasses
 
     from prunekit.methods import CONFIGS
 
@@ -267,6 +267,64 @@ def format_report(report: dict) -> str:
         )
     lines.append(f"saved        {report['out']} (prunekit.json has the full report)")
     return "\n".join(lines)
+
+
+@app.command("prune-retrain")
+@friendly
+def prune_retrain_command(
+    model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
+    out: Path = typer.Option(..., help="Output folder (written atomically)."),
+    schedule: str = typer.Option("0.3,0.5,0.6,0.7", help="Rising sparsities, comma-separated."),
+    train_data: str = typer.Option("c4", help="Text to retrain on (c4, kjv, pydoc, a file)."),
+    steps: int = typer.Option(50, help="Fine-tuning steps after each pruning stage."),
+    lr: float = typer.Option(5e-5, help="AdamW learning rate."),
+    batch_size: int = typer.Option(4, help="Windows per step."),
+    train_seqlen: int = typer.Option(256, help="Training window length."),
+    seed: int = typer.Option(0, help="Sampling seed of the training windows and batches."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity after every stage."),
+    eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
+    max_windows: Optional[int] = typer.Option(None, help="Perplexity on the first N windows only."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... or auto."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+):
+    """Han et al.'s iterative pruning: magnitude-prune, retrain the survivors (pruned weights held at
+    zero), prune further, along the schedule."""
+    from prunekit.data import calibration, load_text
+    from prunekit.evaluate import perplexity
+    from prunekit.io import build_manifest, check_output, save_pruned
+    from prunekit.loading import load, resolve_folder
+    from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain
+    from prunekit.recover import FinetuneConfig
+
+    try:
+        sparsities = [float(x) for x in schedule.split(",")]
+    except ValueError:
+        raise PrunekitError(f"--schedule must be comma-separated numbers like 0.3,0.5,0.7, got {schedule!r}") from None
+    config = PruneRetrainConfig(sparsities, FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+    check_output(out, overwrite)
+    text = load_text(eval_data) if eval_data else None
+    lm, tokenizer = load(model, device=_device(device))
+    train = calibration(tokenizer, train_data, max(steps * batch_size, batch_size), train_seqlen, seed)
+
+    def evaluate():
+        return perplexity(lm, tokenizer, text, eval_seqlen, max_windows, progress=False).ppl
+
+    stages = prune_retrain(lm, train.tokens, config, evaluate if text else None)
+    for stage in stages:
+        metric = f", perplexity {stage['metric']:.2f}" if "metric" in stage else ""
+        typer.echo(
+            f"stage {stage['stage']}: sparsity {stage['achieved']:.1%}, train loss {stage['final_loss']:.3f}{metric}"
+        )
+    manifest = build_manifest(
+        source=model,
+        source_folder=resolve_folder(model),
+        method="magnitude-prune-retrain",
+        method_config=dataclasses.asdict(config),
+        calibration=train.describe(),
+        metrics={"stages": stages},
+    )
+    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite)
+    typer.echo(f"saved {out}")
 
 
 @app.command()
