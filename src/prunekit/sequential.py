@@ -141,12 +141,13 @@ def capture(model, tokens: torch.Tensor, config: EngineConfig, device):
     home = adapter.embeddings()[0].weight.device
     first_inputs: list[torch.Tensor] = []
     calls: list[list] = []
+    sink: dict[int, tuple] = {}
     try:
+        for i in range(len(blocks)):
+            blocks[i] = _Recorder(i, len(blocks) - 1, sink, first_inputs, config.offload_device)
+        model.to(device)  # only the parts outside the blocks: the blocks are recorders now
         for batch in tokens.split(config.batch_size):
-            sink: dict[int, tuple] = {}
-            for i in range(len(blocks)):
-                blocks[i] = _Recorder(i, len(blocks) - 1, sink, first_inputs, config.offload_device)
-            model.to(device)  # only the parts outside the blocks: the blocks are recorders now
+            sink.clear()
             with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
             memo: dict = {}
