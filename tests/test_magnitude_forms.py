@@ -79,3 +79,20 @@ def test_prune_retrain_follows_the_schedule():
     )
     assert [round(s["achieved"], 2) for s in stages] == [0.3, 0.6]
     assert all(s["metric"] == 1.0 for s in stages)
+
+
+def test_embeddings_and_head_only_when_asked():
+    model = tiny_model("llama")  # tied: the head is the embedding matrix
+    prune(model, MagnitudeConfig(0.5), engine=EngineConfig(progress=False))
+    assert (get_adapter(model).lm_head().weight == 0).sum() == 0
+    result = prune(model, MagnitudeConfig(0.5, prune_lm_head=True), engine=EngineConfig(progress=False))
+    head = get_adapter(model).lm_head().weight
+    assert (head == 0).float().mean() == 0.5
+    assert result.layer_sparsity()["lm_head"] == 0.5
+
+    untied = tiny_model("qwen2")
+    result = prune(untied, MagnitudeConfig(0.5, prune_embeddings=True), engine=EngineConfig(progress=False))
+    adapter = get_adapter(untied)
+    assert (adapter.embeddings()[0].weight == 0).float().mean() == 0.5
+    assert (adapter.lm_head().weight == 0).sum() == 0
+    assert "embeddings" in result.layer_sparsity()

@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
@@ -21,16 +21,17 @@ from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_seque
 class Method:
     block: Callable[[object, BlockStep], dict]  # prune one block: (config, step) -> report
     prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
+    finish: Callable | None = None  # (config, model) -> report, after the last block
 
 
 METHODS: dict[type, Method] = {}
 
 
-def register(config_type: type, prepare: Callable | None = None):
+def register(config_type: type, prepare: Callable | None = None, finish: Callable | None = None):
     """Register ``fn(config, step) -> dict`` as the block function for ``config_type``."""
 
     def wrap(fn):
-        METHODS[config_type] = Method(fn, prepare)
+        METHODS[config_type] = Method(fn, prepare, finish)
         return fn
 
     return wrap
@@ -47,9 +48,11 @@ class PruneResult:
     engine: EngineReport
     calibration: dict | None
     seconds: float
+    outside_blocks: dict = field(default_factory=dict)  # what ``finish`` did (e.g. a pruned lm_head)
 
     def layer_sparsity(self) -> dict[str, float]:
-        return {f"{b['block']}.{name}": s for b in self.engine.blocks for name, s in b.get("sparsity", {}).items()}
+        layers = {f"{b['block']}.{name}": s for b in self.engine.blocks for name, s in b.get("sparsity", {}).items()}
+        return {**layers, **self.outside_blocks.get("sparsity", {})}
 
 
 def run_fingerprint(model, config, calibration: Calibration | None) -> str:
@@ -86,12 +89,14 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         engine,
         fingerprint=fingerprint,
     )
+    outside = method.finish(config, model) if method.finish is not None else {}
     return PruneResult(
         method_name(config),
         asdict(config),
         report,
         calibration.describe() if calibration else None,
         time.perf_counter() - start,
+        outside,
     )
 
 

@@ -22,7 +22,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods import register
 from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm, sparsity_of
 from prunekit.methods.unstructured import select_linears
-from prunekit.models import linear_weight
+from prunekit.models import get_adapter, linear_weight
 
 SCOPES = ("layer", "global")
 
@@ -35,6 +35,8 @@ class MagnitudeConfig:
     std_quality: float | None = None  # Han et al.: prune |w| < q * std(W) of the layer
     include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
     exclude: tuple[str, ...] = ()
+    prune_embeddings: bool = False  # off by default, as in every reference
+    prune_lm_head: bool = False  # a tied head is the embedding matrix: pruning one prunes both
     layer_counts: dict[str, int] | None = field(default=None, repr=False)  # filled for scope="global"
     method: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
@@ -110,7 +112,26 @@ def layer_mask(config: MagnitudeConfig, key: str, weight: torch.Tensor) -> torch
     return magnitude_mask(weight, config.sparsity)
 
 
-@register(MagnitudeConfig, prepare=magnitude_prepare)
+def magnitude_finish(config: MagnitudeConfig, model) -> dict:
+    """Prune the token embeddings and/or the head when asked (at ``config.sparsity``, per matrix)."""
+    adapter = get_adapter(model)
+    targets = {}
+    if config.prune_embeddings:
+        targets["embeddings"] = adapter.embeddings()[0].weight
+    if config.prune_lm_head:
+        targets["lm_head"] = adapter.lm_head().weight
+    sparsity, done = {}, set()
+    with torch.no_grad():
+        for name, weight in targets.items():
+            if id(weight) not in done:  # a tied head and embedding are one tensor
+                nm = parse_nm(config.nm)
+                weight.mul_(nm_mask(weight.abs(), *nm) if nm else magnitude_mask(weight, config.sparsity))
+                done.add(id(weight))
+            sparsity[name] = sparsity_of(weight)
+    return {"sparsity": sparsity} if sparsity else {}
+
+
+@register(MagnitudeConfig, prepare=magnitude_prepare, finish=magnitude_finish)
 def magnitude_block(config: MagnitudeConfig, step) -> dict:
     sparsity = {}
     with torch.no_grad():
