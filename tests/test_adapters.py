@@ -55,3 +55,14 @@ def test_unsupported_model_lists_the_families():
     model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
     with pytest.raises(PrunekitError, match="supported families:.*Llama.*OPT"):
         get_adapter(model)
+
+
+def test_head_counts_follow_the_weights_after_head_pruning():
+    from prunekit.surgery import heads_for_kv_group_removal, prune_attention_heads
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    prune_attention_heads(adapter.block(0), heads_for_kv_group_removal(4, 2, [1]))
+    attn = adapter.block(0).attention
+    assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
+    assert (adapter.block(1).attention.num_heads, adapter.block(1).attention.num_kv_heads) == (4, 2)

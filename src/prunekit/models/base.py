@@ -124,7 +124,7 @@ class ModelAdapter:
 
     def block(self, index: int) -> Block:
         module = self.blocks()[index]
-        return Block(module, index, self.attention(module), self.mlp(module), self.norms(module))
+        return Block(module, index, _heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
 
     # -- per-family parts ---------------------------------------------------------------------
     def attention(self, block: nn.Module) -> Attention:
@@ -142,6 +142,16 @@ class ModelAdapter:
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return heads, kv, head_dim
+
+
+def _heads_from_weights(attn: Attention) -> Attention:
+    """Head counts as the weights say: after head pruning the config may not have caught up yet."""
+    q_width = linear_weight(attn.o).shape[1]
+    kv_width = (
+        (linear_weight(attn.qkv).shape[0] - q_width) // 2 if attn.qkv is not None else linear_weight(attn.k).shape[0]
+    )
+    attn.num_heads, attn.num_kv_heads = q_width // attn.head_dim, kv_width // attn.head_dim
+    return attn
 
 
 def _has(model: nn.Module, path: str) -> bool:
