@@ -229,3 +229,35 @@ def test_prune_retrain_end_to_end(tiny_folder, tmp_path):
     assert "--schedule" in error_line(
         run("prune-retrain", "--model", str(tiny_folder), "--schedule", "0.6,0.3", "--out", str(tmp_path / "p"))
     )
+
+
+def test_width_end_to_end_loads_in_plain_transformers(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = run(
+        "prune",
+        "--model",
+        str(tiny_folder),
+        "--method",
+        "width",
+        "--target-params",
+        "0.25",
+        "--importance",
+        "magnitude-l2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "w"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "removed" in result.stdout
+    manifest = json.loads((tmp_path / "w" / "prunekit.json").read_text())
+    m = manifest["metrics"]
+    assert m["params_after"]["non_embedding"] < 0.8 * m["params_before"]["non_embedding"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "w")
+    assert model.config.intermediate_size == m["blocks"][0]["intermediate_size"]
+    assert "--sparsity does not apply to --method width" in error_line(
+        run(
+            "prune", "--model", str(tiny_folder), "--method", "width", "--sparsity", "0.5", "--out", str(tmp_path / "x")
+        )
+    )

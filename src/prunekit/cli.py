@@ -96,9 +96,20 @@ def eval_ppl(
 @friendly
 def prune(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
-    method: str = typer.Option(..., help="Pruning method: magnitude, wanda or sparsegpt."),
+    method: str = typer.Option(..., help="Pruning method: magnitude, wanda, sparsegpt or width."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
-    sparsity: float = typer.Option(0.5, help="Fraction of weights to remove from each linear layer."),
+    sparsity: Optional[float] = typer.Option(
+        None, help="Fraction of weights to remove from each linear layer (magnitude, wanda, sparsegpt; default 0.5)."
+    ),
+    target_params: Optional[float] = typer.Option(None, help="width: fraction of non-embedding parameters to remove."),
+    intermediate_size: Optional[int] = typer.Option(None, help="width: MLP neurons to keep per block."),
+    num_heads: Optional[int] = typer.Option(None, help="width: query heads to keep per block."),
+    importance: Optional[str] = typer.Option(
+        None, help="width: magnitude-l1, magnitude-l2, wanda-sp, activation, random."
+    ),
+    gqa: Optional[str] = typer.Option(None, help="width: 'kv-groups' (remove whole KV groups) or 'query-even'."),
+    round_to: Optional[int] = typer.Option(None, help="width: round the MLP width down to a multiple (8)."),
+    prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--no-prune-heads", help="width: may heads go?"),
     nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 or 4:8: prune N of every M weights."),
     order: Optional[str] = typer.Option(
         None,
@@ -150,6 +161,13 @@ def prune(
     method_config = method_config_from_options(
         method,
         sparsity=sparsity,
+        target_params=target_params,
+        intermediate_size=intermediate_size,
+        num_heads=num_heads,
+        importance=importance,
+        gqa=gqa,
+        round_to=round_to,
+        prune_heads=prune_heads,
         nm=nm,
         order=order,
         scope=scope,
@@ -232,14 +250,20 @@ def run_prune_job(
     from prunekit.io import build_manifest, save_pruned
     from prunekit.loading import resolve_folder
     from prunekit.methods import prune as run_method
+    from prunekit.models import parameter_counts
 
-    metrics: dict = {}
+    metrics: dict = {"params_before": parameter_counts(lm)}
     if text is not None:
         metrics["ppl_before"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
     result = run_method(lm, method_config, calib_data, engine)
+    metrics["params_after"] = parameter_counts(lm)
     layers = result.layer_sparsity()
-    metrics["sparsity_mean"] = sum(layers.values()) / len(layers) if layers else 0.0
-    metrics["layer_sparsity"] = layers
+    if layers:
+        metrics["sparsity_mean"] = sum(layers.values()) / len(layers)
+        metrics["layer_sparsity"] = layers
+    shapes = [b for b in result.engine.blocks if set(b) - {"block", "sparsity"}]
+    if shapes:
+        metrics["blocks"] = shapes
     metrics["prune_seconds"] = result.seconds
     if text is not None:
         metrics["ppl_after"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
@@ -257,12 +281,19 @@ def run_prune_job(
 
 def format_report(report: dict) -> str:
     m = report["metrics"]
+    before, after = m["params_before"], m["params_after"]
+    cut = 1 - after["non_embedding"] / before["non_embedding"]
     lines = [
         f"method       {report['method']} {report['method_config']}",
         f"source       {report['source_model']['name']}",
-        f"sparsity     {m['sparsity_mean']:.1%} of the weights of {len(m['layer_sparsity'])} linear layers",
-        f"pruning time {m['prune_seconds']:.1f} s",
+        f"parameters   {before['total']:,} -> {after['total']:,} (non-embedding {before['non_embedding']:,} -> "
+        f"{after['non_embedding']:,}, {cut:.1%} removed)",
     ]
+    if "sparsity_mean" in m:
+        lines.append(
+            f"sparsity     {m['sparsity_mean']:.1%} of the weights of {len(m['layer_sparsity'])} linear layers"
+        )
+    lines.append(f"pruning time {m['prune_seconds']:.1f} s")
     if "ppl_before" in m:
         before, after = m["ppl_before"], m["ppl_after"]
         lines.append(

@@ -170,13 +170,15 @@ def run_sequential(
     fingerprint: str = "",
     keep_outputs: bool = False,
     read_only: bool = False,
+    restore: Callable[[Block, dict], None] | None = None,
 ) -> EngineReport:
     """Run ``process`` on every decoder block in order (see the module docstring).
 
     ``tokens`` ([n, seqlen] calibration ids) may be ``None`` for methods that need no data.
     ``fingerprint`` identifies the run (method, config, data, model); a checkpoint written by a
     different run is refused instead of silently mixed in. ``read_only`` passes (statistics that
-    change no weight, e.g. OWL's outlier census) neither need nor write a checkpoint.
+    change no weight, e.g. OWL's outlier census) neither need nor write a checkpoint. ``restore``
+    reshapes a block to take its checkpoint when a method changes shapes (width pruning).
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -197,6 +199,8 @@ def run_sequential(
     if done:
         log.info("resuming after block %d from %s", done - 1, checkpoint.folder)
         for i in range(done):
+            if restore is not None:
+                restore(adapter.block(i), checkpoint.reports[i])
             checkpoint.restore_block(model, adapter, i, lazy)
         report.blocks = list(checkpoint.reports)
         if inputs is not None:

@@ -22,16 +22,19 @@ class Method:
     block: Callable[[object, BlockStep], dict]  # prune one block: (config, step) -> report
     prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
     finish: Callable | None = None  # (config, model) -> report, after the last block
+    restore: Callable | None = None  # (config, block, report) -> None: reshape a block to take its checkpoint
 
 
 METHODS: dict[type, Method] = {}
 
 
-def register(config_type: type, prepare: Callable | None = None, finish: Callable | None = None):
+def register(
+    config_type: type, prepare: Callable | None = None, finish: Callable | None = None, restore: Callable | None = None
+):
     """Register ``fn(config, step) -> dict`` as the block function for ``config_type``."""
 
     def wrap(fn):
-        METHODS[config_type] = Method(fn, prepare, finish)
+        METHODS[config_type] = Method(fn, prepare, finish, restore)
         return fn
 
     return wrap
@@ -88,6 +91,7 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         calibration.tokens if calibration else None,
         engine,
         fingerprint=fingerprint,
+        restore=(lambda block, report: method.restore(config, block, report)) if method.restore else None,
     )
     outside = method.finish(config, model) if method.finish is not None else {}
     return PruneResult(
@@ -103,8 +107,9 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (each registers itself)
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.wanda import WandaConfig  # noqa: E402
+from prunekit.methods.width import WidthConfig  # noqa: E402
 
-CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig)}
+CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig)}
 
 __all__ = [
     "CONFIGS",
@@ -113,6 +118,7 @@ __all__ = [
     "PruneResult",
     "SparseGPTConfig",
     "WandaConfig",
+    "WidthConfig",
     "prune",
     "register",
 ]

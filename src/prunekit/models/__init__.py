@@ -11,6 +11,7 @@ from prunekit.models.base import (
     get_adapter,
     is_linear,
     linear_weight,
+    parameter_counts,
     supported_families,
     tied_parameter_names,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "get_adapter",
     "is_linear",
     "linear_weight",
+    "parameter_counts",
     "supported_families",
     "tied_parameter_names",
 ]

@@ -35,6 +35,14 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return set(model.get_expanded_tied_weights_keys())
 
 
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters (a tied head counted once) and those outside the embeddings and the head."""
+    adapter = get_adapter(model)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    outside = {id(m.weight): m.weight.numel() for m in [*adapter.embeddings(), adapter.lm_head()]}
+    return {"total": total, "non_embedding": total - sum(outside.values())}
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
