@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from prunekit.data import Calibration
@@ -11,6 +10,7 @@ from prunekit.methods import METHODS, WidthConfig, prune
 from prunekit.methods.width import Shape, allocate, block_params, channel_scores, head_options, wanda_sp_scores
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineConfig
+from tiny_models import FAMILIES, tiny_model, tokens
 
 
 def test_allocation_for_smollm2_by_hand():
@@ -113,3 +113,12 @@ def test_width_resumes_from_a_checkpoint(tmp_path):
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert get_adapter(resumed).block(0).attention.num_heads == get_adapter(reference).block(0).attention.num_heads
+
+
+def test_speed_measurement_runs_and_reports_sane_numbers():
+    from prunekit.evaluate import measure_speed
+
+    result = measure_speed(tiny_model("llama"), prompt_tokens=16, new_tokens=4, repeats=2)
+    assert result.prefill_ms > 0 and result.decode_tokens_per_s > 0 and result.repeats == 2
+    with pytest.raises(PrunekitError):
+        measure_speed(tiny_model("llama"), new_tokens=0)

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity now; zero-shot tasks and speed come with the evaluation issue."""
+"""Evaluation: perplexity and speed; zero-shot tasks come with the evaluation issue."""
 
 from prunekit.evaluate.perplexity import PerplexityResult, perplexity
+from prunekit.evaluate.speed import SpeedResult, measure_speed
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "SpeedResult", "measure_speed", "perplexity"]
