@@ -283,11 +283,17 @@ def format_report(report: dict) -> str:
     m = report["metrics"]
     before, after = m["params_before"], m["params_after"]
     cut = 1 - after["non_embedding"] / before["non_embedding"]
+    settings = {k: v for k, v in (report["method_config"] or {}).items() if v not in (None, (), [], {}, False)}
+    params = (
+        f"{before['total']:,} -> {after['total']:,} (non-embedding {before['non_embedding']:,} -> "
+        f"{after['non_embedding']:,}, {cut:.1%} removed)"
+        if cut
+        else f"{after['total']:,} (shapes unchanged: the pruned weights are stored as zeros)"
+    )
     lines = [
-        f"method       {report['method']} {report['method_config']}",
+        f"method       {report['method']} {settings}",
         f"source       {report['source_model']['name']}",
-        f"parameters   {before['total']:,} -> {after['total']:,} (non-embedding {before['non_embedding']:,} -> "
-        f"{after['non_embedding']:,}, {cut:.1%} removed)",
+        f"parameters   {params}",
     ]
     if "sparsity_mean" in m:
         lines.append(
