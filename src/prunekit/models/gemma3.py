@@ -1,34 +1,16 @@
-"""Gemma 3 (text): extra pre/post feed-forward norms, q/k norms, sliding-window layer types."""
+"""Gemma 3 (text): the Llama layout plus pre/post feed-forward norms, q/k norms, sliding-window layer
+types (the engine records each block's own mask) and optional final-logit soft-capping."""
 
 import torch
 
-from prunekit.models.base import Attention, Mlp, ModelAdapter, register
+from prunekit.models.base import register
+from prunekit.models.llama import LlamaAdapter
 
 
 @register
-class Gemma3Adapter(ModelAdapter):
+class Gemma3Adapter(LlamaAdapter):
     model_types = ("gemma3_text",)
     family = "Gemma 3"
-    blocks_path = "model.layers"
-    final_norm_path = "model.norm"
-    embedding_paths = ("model.embed_tokens",)
-
-    def attention(self, block):
-        attn = block.self_attn
-        heads, kv, head_dim = self._heads()
-        return Attention(
-            q=attn.q_proj,
-            k=attn.k_proj,
-            v=attn.v_proj,
-            o=attn.o_proj,
-            num_heads=heads,
-            num_kv_heads=kv,
-            head_dim=head_dim,
-            extra_norms={"q_norm": attn.q_norm, "k_norm": attn.k_norm},
-        )
-
-    def mlp(self, block):
-        return Mlp(gate=block.mlp.gate_proj, up=block.mlp.up_proj, down=block.mlp.down_proj)
 
     def norms(self, block):
         names = (
