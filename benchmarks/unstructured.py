@@ -45,7 +45,7 @@ def plain_forward_seconds(model, tokens, batch_size=8) -> float:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--max-windows", type=int, default=64, help="0: the full split")
     parser.add_argument("--runs", nargs="*", default=list(RUNS))
     parser.add_argument("--json", default=None)
     parser.add_argument("--speed-only", action="store_true", help="skip the perplexity evaluations")
@@ -74,7 +74,8 @@ def main():
             prune_s = time.perf_counter() - start
         ppl = None
         if not args.speed_only:
-            ppl = perplexity(model, tokenizer, text, seqlen=512, max_windows=args.max_windows, progress=False).ppl
+            windows = args.max_windows or None
+            ppl = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl
         results["runs"][name] = {
             "ppl": ppl,
             "windows": args.max_windows,
