@@ -122,3 +122,20 @@ def test_speed_measurement_runs_and_reports_sane_numbers():
     assert result.prefill_ms > 0 and result.decode_tokens_per_s > 0 and result.repeats == 2
     with pytest.raises(PrunekitError):
         measure_speed(tiny_model("llama"), new_tokens=0)
+
+
+def test_lazy_width_pruning_matches_eager(tmp_path):
+    from prunekit import load, save_pruned
+    from tiny_models import save_tiny
+
+    save_tiny(tmp_path / "src", "llama")
+    config = WidthConfig(0.25, importance="activation")
+    eager, tokenizer = load(tmp_path / "src")
+    prune(eager, config, calib(), EngineConfig(progress=False))
+    lazy, _ = load(tmp_path / "src", lazy=True)
+    prune(lazy, config, calib(), EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt"))
+    save_pruned(lazy, tokenizer, tmp_path / "out", {})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.intermediate_size == eager.config.intermediate_size
+    for (name, a), b in zip(eager.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
