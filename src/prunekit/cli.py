@@ -155,7 +155,7 @@ def prune(
 ):
     """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
     from prunekit.data import calibration, load_text
-    from prunekit.io import check_output
+    from prunekit.io import check_format, check_output
     from prunekit.sequential import EngineConfig
 
     method_config = method_config_from_options(
@@ -185,10 +185,7 @@ def prune(
     if getattr(method_config, "needs_calibration", False) and calib is None:
         raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
     check_output(out, overwrite)
-    if fmt not in ("dense", "compact"):
-        raise PrunekitError(f"--format must be dense or compact, got {fmt!r}")
-    if lazy and fmt == "compact":
-        raise PrunekitError("--format compact needs the model in memory; drop --lazy, or save dense and convert")
+    check_format(fmt, lazy)  # before any work, not after the pruning
     if lazy and eval_data:
         raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
     text = load_text(eval_data) if eval_data else None

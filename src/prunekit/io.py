@@ -47,6 +47,14 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
 FORMATS = ("dense", "compact")
 
 
+def check_format(fmt: str, lazy: bool) -> None:
+    """Refuse an unknown output format, or the compact one for a model that is not in memory."""
+    if fmt not in FORMATS:
+        raise PrunekitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "compact" and lazy:
+        raise PrunekitError("--format compact needs the model in memory; drop --lazy, or save dense and convert")
+
+
 def save_pruned(
     model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False, fmt: str = "dense"
 ) -> Path:
@@ -56,10 +64,7 @@ def save_pruned(
     ``fmt="compact"``: sparse matrices as bitmask + values (see ``prunekit.compact``); ``prunekit.load``
     and ``prunekit unpack`` restore it.
     """
-    if fmt not in FORMATS:
-        raise PrunekitError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "compact" and is_lazy(model):
-        raise PrunekitError("--format compact needs the model in memory; drop --lazy, or save dense and convert")
+    check_format(fmt, lazy=is_lazy(model))
     out = check_output(out, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
