@@ -261,3 +261,30 @@ def test_width_end_to_end_loads_in_plain_transformers(tiny_folder, tmp_path):
             "prune", "--model", str(tiny_folder), "--method", "width", "--sparsity", "0.5", "--out", str(tmp_path / "x")
         )
     )
+
+
+def test_width_recipes_end_to_end(tiny_folder, tmp_path):
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    common = ["--model", str(tiny_folder), "--method", "width", "--device", "cpu", "--calib", corpus]
+    # LLM-Pruner: Taylor on blocks 4:-2; the tiny model has 2 blocks, so the range is given explicitly
+    out = tmp_path / "llmp"
+    result = run("prune", *common, "--recipe", "llm-pruner", "--layers", "1:", "--seqlen", "16", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "prunekit.json").read_text())
+    assert manifest["method_config"]["importance"] == "taylor" and manifest["method_config"]["layers"] == "1:"
+    assert manifest["calibration"]["n_samples"] == 10  # the recipe's sample count
+    assert "shapes" in manifest  # block 0 kept dense, block 1 pruned: a config cannot say that
+    evaluated = run(
+        "eval", "ppl", "--model", str(out), "--data", corpus, "--seqlen", "16", "--json", str(tmp_path / "e")
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    # FLAP: fluctuation, global allocation, bias compensation (Llama's config carries the biases)
+    out = tmp_path / "flap"
+    result = run("prune", *common, "--recipe", "flap", "--nsamples", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias"] or config["attention_bias"]
+    assert "unknown --recipe 'sheared'" in error_line(run("prune", *common, "--recipe", "sheared", "--out", str(out)))
+    assert "--recipe applies to --method width" in error_line(
+        run("prune", "--model", str(tiny_folder), "--method", "wanda", "--recipe", "flap", "--out", str(tmp_path / "z"))
+    )

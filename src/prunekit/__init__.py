@@ -10,5 +10,6 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from prunekit.errors import PrunekitError
 from prunekit.io import save_pruned
 from prunekit.loading import load
+from prunekit.shapes import load_pruned
 
-__all__ = ["PrunekitError", "__version__", "load", "save_pruned"]
+__all__ = ["PrunekitError", "__version__", "load", "load_pruned", "save_pruned"]

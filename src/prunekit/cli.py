@@ -105,7 +105,17 @@ def prune(
     intermediate_size: Optional[int] = typer.Option(None, help="width: MLP neurons to keep per block."),
     num_heads: Optional[int] = typer.Option(None, help="width: query heads to keep per block."),
     importance: Optional[str] = typer.Option(
-        None, help="width: magnitude-l1, magnitude-l2, wanda-sp, activation, random."
+        None, help="width: magnitude-l1, magnitude-l2, wanda-sp, activation, fluctuation (FLAP), taylor, random."
+    ),
+    taylor: Optional[str] = typer.Option(None, help="width taylor: element, vector, second or mix (LLM-Pruner)."),
+    aggregation: Optional[str] = typer.Option(None, help="width: join a group's members (sum, mean, max, prod, last)."),
+    allocation: Optional[str] = typer.Option(None, help="width: 'uniform' shapes or 'global' ranking (FLAP)."),
+    layers: Optional[str] = typer.Option(None, help="width: blocks to prune as start:end, e.g. 4:-2 (others kept)."),
+    bias_compensation: Optional[bool] = typer.Option(
+        None, "--bias-compensation/--no-bias-compensation", help="width: FLAP's bias compensation."
+    ),
+    recipe: Optional[str] = typer.Option(
+        None, help="width: a published setting, 'llm-pruner' or 'flap' (options given explicitly win)."
     ),
     gqa: Optional[str] = typer.Option(None, help="width: 'kv-groups' (remove whole KV groups) or 'query-even'."),
     round_to: Optional[int] = typer.Option(None, help="width: round the MLP width down to a multiple (8)."),
@@ -128,8 +138,8 @@ def prune(
     percdamp: Optional[float] = typer.Option(None, help="sparsegpt: initial dampening, fraction of mean diag(H)."),
     hessian_dtype: Optional[str] = typer.Option(None, help="sparsegpt: float32 or float64."),
     calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
-    nsamples: int = typer.Option(128, help="Calibration samples."),
-    seqlen: int = typer.Option(2048, help="Calibration sample length in tokens."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration samples (128; a recipe may set its own)."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration sample length in tokens (2048; or the recipe's)."),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after on this data."),
     eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
@@ -158,14 +168,25 @@ def prune(
     from prunekit.io import check_format, check_output
     from prunekit.sequential import EngineConfig
 
+    options = dict(
+        importance=importance,
+        taylor=taylor,
+        aggregation=aggregation,
+        allocation=allocation,
+        layers=layers,
+        bias_compensation=bias_compensation,
+        gqa=gqa,
+    )
+    if recipe is not None:
+        options, calib, nsamples, seqlen = apply_recipe(method, recipe, options, calib, nsamples, seqlen)
+    nsamples, seqlen = nsamples or 128, seqlen or 2048
     method_config = method_config_from_options(
         method,
         sparsity=sparsity,
         target_params=target_params,
         intermediate_size=intermediate_size,
         num_heads=num_heads,
-        importance=importance,
-        gqa=gqa,
+        **options,
         round_to=round_to,
         prune_heads=prune_heads,
         nm=nm,
@@ -211,6 +232,19 @@ def prune(
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     typer.echo(format_report(report))
     _write_json(json_out, report)
+
+
+def apply_recipe(method: str, recipe: str, options: dict, calib, nsamples, seqlen):
+    """A recipe's options and calibration, under what the user set explicitly."""
+    from prunekit.methods.width import RECIPES
+
+    if method != "width":
+        raise PrunekitError(f"--recipe applies to --method width, not {method}")
+    if recipe not in RECIPES:
+        raise PrunekitError(f"unknown --recipe {recipe!r}; available: {', '.join(RECIPES)}")
+    chosen = RECIPES[recipe]
+    merged = {**options, **{k: v for k, v in chosen.options.items() if options.get(k) is None}}
+    return merged, calib or chosen.calib, nsamples or chosen.nsamples, seqlen or chosen.seqlen
 
 
 def method_config_from_options(method: str, **options):

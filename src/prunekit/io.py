@@ -3,7 +3,8 @@
 The folder is written beside the target under a temporary name and renamed into place only when
 complete, so an interrupted save never leaves a folder that looks valid. ``prunekit.json`` records
 how the model was made: prunekit version, method and config, the source model and its hash, the
-calibration data and seed, and the measured metrics.
+calibration data and seed, the measured metrics, and (for models the config cannot describe) the
+block shapes that ``prunekit.shapes`` rebuilds them from.
 """
 
 from __future__ import annotations
@@ -63,9 +64,13 @@ def save_pruned(
     ``fmt="dense"``: a standard Hugging Face folder (zeros stored as zeros; any tool loads it).
     ``fmt="compact"``: sparse matrices as bitmask + values (see ``prunekit.compact``); ``prunekit.load``
     and ``prunekit unpack`` restore it.
+
+    A model its config cannot describe (blocks of different widths, heads OPT/GPT-2 configs cannot
+    express, added biases) gets a shape manifest under ``"shapes"``; ``prunekit.load`` rebuilds it.
     """
     check_format(fmt, lazy=is_lazy(model))
     out = check_output(out, overwrite)
+    manifest = _with_shapes(manifest, model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         if fmt == "compact":
@@ -83,6 +88,15 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _with_shapes(manifest: dict, model) -> dict:
+    """``manifest`` with the model's shape manifest, or without one (a stale one copied from an input goes)."""
+    from prunekit.shapes import describe_shapes
+
+    shapes = describe_shapes(model)
+    manifest = {key: value for key, value in manifest.items() if key != "shapes"}
+    return manifest if shapes is None else {**manifest, "shapes": shapes}
 
 
 def publish_permissions(folder: Path) -> None:

@@ -5,7 +5,8 @@ frequencies are computed for real), loads everything outside the decoder blocks,
 ``WeightSource``: a map from parameter name to the safetensors file that holds it. The engine
 materialises one block at a time from that map; once a block is pruned and checkpointed, its
 entries point at the checkpoint file and the block goes back to meta. Saving streams the weights
-from the map, so a model larger than memory never has to be whole in memory.
+from the map, so a model larger than memory never has to be whole in memory. A folder with a shape
+manifest (``prunekit.shapes``) is reshaped on meta before anything is read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.models import get_adapter, tied_parameter_names
 
 SOURCE_ATTR = "prunekit_weight_source"
@@ -61,21 +63,55 @@ def weight_source(model: nn.Module) -> WeightSource | None:
     return getattr(model, SOURCE_ATTR, None)
 
 
-def load_lazy(folder: Path, config, dtype: torch.dtype, device) -> nn.Module:
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The model ``config`` describes with its parameters on meta (nothing allocated) and its buffers real.
+
+    Buffers such as rotary frequencies are computed at construction and are in no checkpoint, so
+    they must not be left on meta. A tied head is tied here already (``init_empty_weights`` leaves
+    it a parameter of its own), so parameter names are those of a loaded model; loaders tie again
+    once the embeddings are read.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+def load_lazy(folder: Path, config, dtype: torch.dtype, device, shapes: dict | None = None) -> nn.Module:
+    """A lazy model of ``folder``; ``shapes`` (a shape manifest, see ``prunekit.shapes``) reshapes it first."""
+    model = empty_model(config, dtype)
+    if shapes is not None:
+        from prunekit.shapes import apply_shapes
+
+        apply_shapes(model, shapes)
     source = WeightSource(folder, dtype)
     setattr(model, SOURCE_ATTR, source)
     blocks_prefix = get_adapter(model).blocks_path + "."
     tied = tied_parameter_names(model)
-    for name, _ in model.named_parameters():
-        if not name.startswith(blocks_prefix) and name not in tied:
-            _set_param(model, name, source.read(name).to(device))
+    names = [n for n, _ in model.named_parameters() if not n.startswith(blocks_prefix) and n not in tied]
+    load_parameters(model, source, names, device)
     model.tie_weights()
     return model
+
+
+def load_parameters(model: nn.Module, source: WeightSource, names: list[str], device) -> None:
+    """Read each named meta parameter from ``source`` straight onto ``device``, so it is allocated once.
+
+    The checkpoint must hold the shape the model was built with: a silent swap would hide a config
+    (or shape manifest) that does not belong to the weights.
+    """
+    for name in names:
+        value = source.read(name)
+        expected = tuple(model.get_parameter(name).shape)
+        if tuple(value.shape) != expected:
+            raise PrunekitError(
+                f"{name} is {tuple(value.shape)} in the checkpoint but {expected} in the model its config "
+                "(and shape manifest, if any) describes; the folder's files do not belong together, re-save it"
+            )
+        set_parameter(model, name, value.to(device))
 
 
 def materialize(model: nn.Module, prefix: str, module: nn.Module, device) -> None:
@@ -83,16 +119,16 @@ def materialize(model: nn.Module, prefix: str, module: nn.Module, device) -> Non
     source = weight_source(model)
     for name, param in list(module.named_parameters()):
         if param.is_meta:
-            _set_param(module, name, source.read(f"{prefix}.{name}").to(device))
+            set_parameter(module, name, source.read(f"{prefix}.{name}").to(device))
 
 
 def release(module: nn.Module) -> None:
     """Send a module's parameters back to meta, freeing their memory."""
     for name, param in list(module.named_parameters()):
-        _set_param(module, name, torch.empty_like(param, device="meta"))
+        set_parameter(module, name, torch.empty_like(param, device="meta"))
 
 
-def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = root.get_submodule(owner_name) if owner_name else root
     old = getattr(owner, attr)

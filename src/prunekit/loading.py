@@ -79,6 +79,10 @@ def load(
     ``lazy=True`` (local safetensors folders only) leaves the decoder blocks' weights on the meta
     device; the sequential engine reads each block from disk when it reaches it, so a model
     larger than memory can be pruned.
+
+    A prunekit output whose ``prunekit.json`` has ``"shapes"`` (blocks of different widths, heads
+    the config cannot express, added biases) is rebuilt from that manifest (``prunekit.shapes``),
+    in every mode: eager, lazy and compact.
     """
     torch_dtype = resolve_dtype(dtype)
     folder = resolve_folder(str(name_or_path), trust_remote_code=trust_remote_code)
@@ -92,20 +96,39 @@ def load(
 
     adapter_for_config(config)  # refuse unsupported architectures before reading any weight
     tokenizer = _load_tokenizer(folder, trust_remote_code)
-    from prunekit.compact import COMPACT_FILE, load_compact_model
-
-    if (folder / COMPACT_FILE).exists():
-        if lazy:
-            raise PrunekitError(f"{folder} is in prunekit's compact format; unpack it first (prunekit unpack)")
-        model = load_compact_model(folder, config, torch_dtype, device)
-    elif lazy:
-        from prunekit.lazy import load_lazy
-
-        model = load_lazy(folder, config, torch_dtype, device)
-    else:
-        model = _from_pretrained(folder, torch_dtype, device, trust_remote_code, allow_pickle)
+    model = _load_local_model(folder, config, torch_dtype, device, lazy, trust_remote_code, allow_pickle)
     model.eval()
     return model, tokenizer
+
+
+def _load_local_model(folder: Path, config, dtype, device, lazy, trust_remote_code, allow_pickle):
+    """``from_pretrained``, unless the folder must be rebuilt from its config: compact, lazy, or a shape manifest."""
+    from prunekit.compact import COMPACT_FILE, load_compact_model
+    from prunekit.lazy import load_lazy
+    from prunekit.shapes import load_shaped_model, read_shapes
+
+    shapes = read_shapes(folder)
+    compact = (folder / COMPACT_FILE).exists()
+    if compact and lazy:
+        raise PrunekitError(f"{folder} is in prunekit's compact format; unpack it first (prunekit unpack)")
+    if compact:
+        model = load_compact_model(folder, config, dtype, device, shapes)
+    elif lazy:
+        model = load_lazy(folder, config, dtype, device, shapes)
+    elif shapes is not None:
+        model = load_shaped_model(folder, config, shapes, dtype, device)
+    else:
+        return _from_pretrained(folder, dtype, device, trust_remote_code, allow_pickle)
+    _read_generation_config(model, folder)
+    return model
+
+
+def _read_generation_config(model, folder: Path) -> None:
+    """What ``from_pretrained`` reads besides the weights: the folder's generation settings (eos ids, defaults)."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def resolve_folder(name: str, trust_remote_code: bool = False) -> Path | None:

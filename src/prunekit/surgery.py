@@ -179,6 +179,16 @@ def prune_mlp_neurons(block: Block, keep) -> None:
         owner.intermediate_size = keep.numel()  # metadata only in every family we support
 
 
+def add_output_bias(linear: nn.Module, delta: torch.Tensor) -> None:
+    """Add ``delta`` to the linear's output bias, creating the bias if it has none (FLAP's compensation)."""
+    delta = delta.to(dtype=linear_weight(linear).dtype, device=linear_weight(linear).device)
+    if getattr(linear, "bias", None) is None:
+        linear.bias = nn.Parameter(delta.clone(), requires_grad=linear_weight(linear).requires_grad)
+    else:
+        with torch.no_grad():
+            linear.bias += delta
+
+
 # -- attention heads -------------------------------------------------------------------------------
 
 
@@ -347,15 +357,50 @@ def heads_for_even_query_removal(num_heads: int, num_kv_heads: int, remove_per_g
 # -- config ----------------------------------------------------------------------------------------
 
 
-def _shape_mismatches(model: nn.Module, config) -> list[str]:
-    """Where a model built from ``config`` (on the meta device, so nothing is allocated) differs from ``model``."""
+def _shapes(module: nn.Module) -> dict[str, tuple]:
+    return {n: tuple(t.shape) for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _reference_shapes(model: nn.Module, config) -> dict[str, tuple]:
+    """Parameter and buffer shapes of a model built from ``config`` on the meta device (nothing allocated)."""
     with torch.device("meta"):
-        reference = type(model)(copy.deepcopy(config))
-    ours = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    theirs = {n: tuple(t.shape) for n, t in [*reference.named_parameters(), *reference.named_buffers()]}
+        return _shapes(type(model)(copy.deepcopy(config)))
+
+
+def _shape_mismatches(model: nn.Module, config) -> list[str]:
+    """Where a model built from ``config`` differs from ``model``."""
+    ours, theirs = _shapes(model), _reference_shapes(model, config)
     problems = [f"{n}: {ours.get(n)} here, {theirs.get(n)} from the config" for n in ours if ours[n] != theirs.get(n)]
     problems += [f"{n}: missing here" for n in theirs if n not in ours]
     return problems
+
+
+def express_added_biases(model: nn.Module) -> list[str]:
+    """Turn on the config's bias flags (Llama's ``attention_bias`` / ``mlp_bias``) that cover biases a method added.
+
+    Setting a flag gives every linear under it a bias, so those without one get zeros: the result
+    computes the same and stays a standard folder. Families with no such flag keep the added biases
+    as extra parameters, which the shape manifest describes. Returns the flags turned on.
+    """
+    config = _base_config(model.config)
+    turned_on = []
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(config, flag, None) is not False:
+            continue
+        ours = _shapes(model)
+        before = set(ours) - set(_reference_shapes(model, config))
+        candidate = copy.deepcopy(config)
+        setattr(candidate, flag, True)
+        theirs = _reference_shapes(model, candidate)
+        missing = [n for n in theirs if n not in ours]
+        if len(set(ours) - set(theirs)) >= len(before) or not all(n.endswith(".bias") for n in missing):
+            continue
+        for name in missing:
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            add_output_bias(owner, torch.zeros(linear_weight(owner).shape[0]))  # the pruned width, not the config's
+        setattr(config, flag, True)
+        turned_on.append(flag)
+    return turned_on
 
 
 def update_config_uniform(model: nn.Module) -> dict[str, int]:

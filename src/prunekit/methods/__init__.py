@@ -83,17 +83,19 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         engine = replace(engine, batch_size=len(calibration.tokens))  # one pass per block sees every sample
     fingerprint = run_fingerprint(model, config, calibration)
     start = time.perf_counter()
-    if method.prepare is not None:
-        config = method.prepare(config, model, calibration, engine)
+    # ``prepare`` may return a richer object (e.g. width's plan); the report keeps the user's config.
+    prepared = method.prepare(config, model, calibration, engine) if method.prepare is not None else config
+    # A method that needs no block inputs (data-free, or scored ahead by ``prepare``) skips their forwards.
+    feed = calibration is not None and getattr(prepared, "needs_calibration", True)
     report = run_sequential(
         model,
-        lambda step: method.block(config, step),
-        calibration.tokens if calibration else None,
+        lambda step: method.block(prepared, step),
+        calibration.tokens if feed else None,
         engine,
         fingerprint=fingerprint,
-        restore=(lambda block, report: method.restore(config, block, report)) if method.restore else None,
+        restore=(lambda block, report: method.restore(prepared, block, report)) if method.restore else None,
     )
-    outside = method.finish(config, model) if method.finish is not None else {}
+    outside = method.finish(prepared, model) if method.finish is not None else {}
     return PruneResult(
         method_name(config),
         asdict(config),

@@ -30,6 +30,32 @@ class InputNorms:
         return self.squares.sqrt()
 
 
+class InputMoments:
+    """Per-feature sum and sum of squares over the calibration tokens, in float64 (means, variances, norms)."""
+
+    def __init__(self, features: int, device):
+        self.sums = torch.zeros(features, dtype=torch.float64, device=device)
+        self.squares = torch.zeros(features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = flat_inputs(x).double()
+        self.sums += x.sum(0)
+        self.squares += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.squares.sqrt().float()
+
+    def mean(self) -> torch.Tensor:
+        return (self.sums / max(self.tokens, 1)).float()
+
+    def variance(self) -> torch.Tensor:
+        """The unbiased sample variance (FLAP's fluctuation), clamped at 0 against rounding."""
+        n = max(self.tokens, 2)
+        return ((self.squares - self.sums**2 / n) / (n - 1)).clamp_min(0).float()
+
+
 class Hessian:
     """SparseGPT's H = 2/n * sum x x^T over the calibration tokens, kept as a running mean."""
 

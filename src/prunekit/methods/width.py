@@ -7,30 +7,42 @@ Groups (one per structure that must go together):
   number of query heads inside every group (all KV heads stay, as Torch-Pruning and Minitron do;
   ``gqa="query-even"``).
 
-Importance of a group (pure functions below, aggregated over the group's members):
-- ``magnitude-l1`` / ``magnitude-l2``: norms of the member weights;
-- ``wanda-sp``: |W|·||X|| at the input channels of down / o (Wanda's structured variant);
-- ``activation``: the L2 norm of the channel's activation at the input of down / o (Minitron);
-- ``random``: a seeded baseline.
+Importance: ``prunekit.methods.importance`` (magnitude, Wanda-sp, activation, FLAP's fluctuation,
+LLM-Pruner's Taylor criteria, random). Allocation: ``prunekit.methods.allocation`` (uniform shapes,
+or FLAP-style global ranking), optionally only over a range of blocks (LLM-Pruner's protected first
+and last blocks). FLAP's bias compensation folds the removed channels' mean contribution into the
+output bias of down / o.
 
-Allocation here is uniform (every block gets the same shape, so the result is a standard config):
-the target fraction of non-embedding parameters is split between heads and neurons so that both
-are pruned by as similar a fraction as the head granularity allows, and the MLP width is rounded
-to a multiple of ``round_to``. FLAP, Taylor importance and global allocation come next.
+The run: ``width_prepare`` computes what needs the whole model first (Taylor gradients; for global
+allocation, every block's scores from one read-only pass over the dense model) and fixes each
+block's shape. Then the engine visits the blocks; a block whose scores are not known yet (uniform
+allocation with calibration statistics) is scored from its own inputs, i.e. after the earlier blocks
+were pruned, and cut to its shape.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.lazy import is_lazy
 from prunekit.methods import register
-from prunekit.methods.stats import InputNorms, on_inputs
-from prunekit.models import linear_weight
+from prunekit.methods.allocation import Geometry, Shape, explicit_shape, global_shapes, uniform_shape
+from prunekit.methods.importance import AGGREGATIONS, TAYLOR_ORDERS, aggregate, fluctuation, magnitude, taylor, wanda_sp
+from prunekit.methods.stats import InputMoments, on_inputs
+from prunekit.methods.taylor import Gradients, accumulate_gradients
+from prunekit.models import get_adapter, linear_weight
+from prunekit.sequential import run_sequential
 from prunekit.surgery import (
+    SurgeryError,
+    _reference_shapes,
+    add_output_bias,
+    block_shape,
+    express_added_biases,
     heads_for_even_query_removal,
     heads_for_kv_group_removal,
     prune_attention_heads,
@@ -38,9 +50,16 @@ from prunekit.surgery import (
     update_config_uniform,
 )
 
-IMPORTANCES = ("magnitude-l1", "magnitude-l2", "wanda-sp", "activation", "random")
+IMPORTANCES = ("magnitude-l1", "magnitude-l2", "wanda-sp", "activation", "fluctuation", "taylor", "random")
 GQA_POLICIES = ("kv-groups", "query-even")
+ALLOCATIONS = ("uniform", "global")
 DATA_FREE = ("magnitude-l1", "magnitude-l2", "random")
+FROM_INPUTS = ("wanda-sp", "activation", "fluctuation")  # scored from the inputs of down / o
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise PrunekitError(f"--{option} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass
@@ -49,205 +68,397 @@ class WidthConfig:
     intermediate_size: int | None = None  # or explicit sizes: MLP width kept ...
     num_heads: int | None = None  # ... and query heads kept per block
     importance: str = "wanda-sp"
+    taylor: str = "element"  # element | vector | second | mix (LLM-Pruner's Taylor variants)
+    aggregation: str = "sum"  # how a group's members combine: sum | mean | max | prod | last
     gqa: str = "kv-groups"
+    allocation: str = "uniform"  # uniform | global
+    layers: str | None = None  # blocks to prune, "start:end" as a Python slice (e.g. "4:-2"); others stay
+    bias_compensation: bool = False  # FLAP: fold removed channels' mean output into the bias
     round_to: int = 8
     prune_heads: bool = True  # with target_params: may heads go too, or only MLP neurons?
     seed: int = 0
     method: ClassVar[str] = "width"
 
     def __post_init__(self):
-        if self.importance not in IMPORTANCES:
-            raise PrunekitError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
-        if self.gqa not in GQA_POLICIES:
-            raise PrunekitError(f"--gqa must be one of {', '.join(GQA_POLICIES)}, got {self.gqa!r}")
+        _choice("importance", self.importance, IMPORTANCES)
+        _choice("taylor", self.taylor, TAYLOR_ORDERS)
+        _choice("aggregation", self.aggregation, AGGREGATIONS)
+        _choice("gqa", self.gqa, GQA_POLICIES)
+        _choice("allocation", self.allocation, ALLOCATIONS)
         explicit = self.intermediate_size is not None or self.num_heads is not None
         if explicit:
             self.target_params = None
+            if self.allocation == "global":
+                raise PrunekitError("--allocation global ranks blocks against a --target-params, not explicit sizes")
         elif self.target_params is None or not 0 < self.target_params < 1:
             raise PrunekitError(f"--target-params must be in (0, 1), got {self.target_params}")
         if self.round_to < 1:
             raise PrunekitError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.layers is not None:
+            parse_layers(self.layers, 1 << 16)  # syntax now; the range is checked against the model later
 
     @property
     def needs_calibration(self) -> bool:
-        return self.importance not in DATA_FREE
-
-
-# --- importance: pure functions ---------------------------------------------------------------------
-
-
-def channel_scores(weights_by_rows: list[torch.Tensor], weights_by_cols: list[torch.Tensor], norm: str) -> torch.Tensor:
-    """Per-channel magnitude: channel i owns row i of each ``by_rows`` matrix and column i of each ``by_cols``."""
-    p = 1 if norm == "magnitude-l1" else 2
-    parts = [w.detach().float().norm(p=p, dim=1) ** p for w in weights_by_rows]
-    parts += [w.detach().float().norm(p=p, dim=0) ** p for w in weights_by_cols]
-    return torch.stack(parts).sum(0) ** (1 / p)
-
-
-def wanda_sp_scores(consumer: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
-    """Wanda-sp: sum over output rows of |W_ij|·||X_j||, per input channel j of the consuming linear."""
-    return (consumer.detach().abs().float() * input_norms.float().unsqueeze(0)).sum(0)
-
-
-def heads_from_channels(channel_scores_: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Sum channel scores over each head's ``head_dim`` channels."""
-    return channel_scores_.view(-1, head_dim).sum(1)
-
-
-# --- allocation ------------------------------------------------------------------------------------
+        return self.importance not in DATA_FREE or self.bias_compensation
 
 
 @dataclass(frozen=True)
-class Shape:
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
+class Recipe:
+    """A published setting: the method options and the calibration it used (each overridable)."""
+
+    options: dict
+    calib: str
+    nsamples: int
+    seqlen: int
+    source: str
 
 
-def block_params(shape: Shape, hidden: int, head_dim: int, gated: bool) -> int:
-    """Weights of one block's linears (biases and norms are noise at this scale)."""
-    attention = hidden * head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
-    return attention + (3 if gated else 2) * hidden * shape.intermediate_size
+RECIPES = {
+    # LLM-Pruner (Ma et al. 2023), its Llama setting: block-wise groups, element-wise first-order Taylor
+    # summed over the group, blocks 4..30 of 32 pruned (the first 4 and last 2 kept), 10 samples of 64
+    # tokens. Its scripts calibrate on BookCorpus or C4; C4 is what is available here.
+    "llm-pruner": Recipe(
+        {"importance": "taylor", "taylor": "element", "aggregation": "sum", "gqa": "kv-groups", "layers": "4:-2"},
+        "c4",
+        10,
+        64,
+        "LLM-Pruner, scripts/prune_llama-7b.sh: --block_wise --pruner_type taylor --taylor param_first",
+    ),
+    # FLAP (An et al. 2024): fluctuation metric, adaptive structure across layers and modules (AL-AM),
+    # bias compensation, 1024 samples of 128 tokens (WikiText-2 train there; C4 here).
+    "flap": Recipe(
+        {"importance": "fluctuation", "allocation": "global", "bias_compensation": True, "gqa": "kv-groups"},
+        "c4",
+        1024,
+        128,
+        "FLAP, main.py: --metrics WIFV --structure AL-AM --nsamples 1024",
+    ),
+}
 
 
-def head_options(heads: int, kv_heads: int, gqa: str) -> list[tuple[int, int]]:
-    """Every (query heads, KV heads) a policy can reach, from none removed to one group/head per group left."""
-    per_group = heads // kv_heads
-    if gqa == "kv-groups":
-        return [(g * per_group, g) for g in range(kv_heads, 0, -1)]
-    return [(q * kv_heads, kv_heads) for q in range(per_group, 0, -1)]
+def parse_layers(spec: str | None, num_blocks: int) -> list[int]:
+    """The blocks a "start:end" slice selects (Python semantics, negatives from the end)."""
+    if spec is None:
+        return list(range(num_blocks))
+    parts = spec.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise PrunekitError(f"--layers must be start:end (e.g. 4:-2 or 3:28), got {spec!r}") from None
+    chosen = list(range(num_blocks)[slice(start, end)])
+    if not chosen:
+        raise PrunekitError(f"--layers {spec} selects no block of the model's {num_blocks}")
+    return chosen
 
 
-def round_down(value: float, multiple: int) -> int:
-    return max(multiple, int(value // multiple) * multiple)
+# --- scoring one block ---------------------------------------------------------------------------
 
 
-def allocate(config: WidthConfig, dense: Shape, hidden: int, head_dim: int, gated: bool) -> Shape:
-    """The uniform target shape: explicit sizes, or the target split to prune heads and neurons alike."""
-    if config.target_params is None:
-        heads = config.num_heads or dense.num_heads
-        if config.gqa == "kv-groups":
-            per_group = dense.num_heads // dense.num_kv_heads
-            if heads % per_group:
-                raise PrunekitError(f"--num-heads {heads}: with --gqa kv-groups it must be a multiple of {per_group}")
-            kv = heads // per_group
-        else:
-            if heads % dense.num_kv_heads:
-                raise PrunekitError(
-                    f"--num-heads {heads}: with --gqa query-even it must be a multiple of "
-                    f"{dense.num_kv_heads} (the KV heads)"
-                )
-            kv = dense.num_kv_heads
-        return Shape(config.intermediate_size or dense.intermediate_size, heads, kv)
-    dense_params = block_params(dense, hidden, head_dim, gated)
-    goal = dense_params * (1 - config.target_params)
-    mlp_per_neuron = (3 if gated else 2) * hidden
-    options = (
-        head_options(dense.num_heads, dense.num_kv_heads, config.gqa)
-        if config.prune_heads
-        else [(dense.num_heads, dense.num_kv_heads)]
-    )
-    best = None
-    for heads, kv in options:
-        attention = block_params(Shape(0, heads, kv), hidden, head_dim, gated)
-        neurons = round_down((goal - attention) / mlp_per_neuron, config.round_to)
-        if neurons > dense.intermediate_size or goal - attention <= 0:
-            continue
-        attention_cut = 1 - heads / dense.num_heads
-        mlp_cut = 1 - neurons / dense.intermediate_size
-        candidate = (abs(attention_cut - mlp_cut), Shape(neurons, heads, kv))
-        if best is None or candidate[0] < best[0]:
-            best = candidate
-    if best is None:
-        raise PrunekitError(f"--target-params {config.target_params} cannot be reached with whole heads and neurons")
-    return best[1]
+@dataclass
+class Scores:
+    heads: torch.Tensor  # [num_heads, channels]: per-channel scores of each query head (higher = keep)
+    neurons: torch.Tensor  # [intermediate_size]
 
 
-# --- the block step --------------------------------------------------------------------------------
+def _rows(module, start: int = 0, end: int | None = None):
+    """A member: the weight rows [start:end] of a linear (and of its gradients, when there are any)."""
+    return module, slice(start, end), "rows"
 
 
-def _mlp_scores(config: WidthConfig, block, stats: InputNorms | None, generator) -> torch.Tensor:
+def _mlp_members(block) -> list:
     mlp = block.mlp
-    down = linear_weight(mlp.down)
-    if config.importance == "random":
-        return torch.rand(down.shape[1], generator=generator)
-    if config.importance == "wanda-sp":
-        return wanda_sp_scores(down, stats.norms())
-    if config.importance == "activation":
-        return stats.norms()
-    rows = [linear_weight(m) for m in (mlp.gate, mlp.up) if m is not None]
     if mlp.gate_up is not None:
-        gate, up = linear_weight(mlp.gate_up).chunk(2, dim=0)
-        rows = [gate, up]
-    return channel_scores(rows, [down], config.importance)
+        width = linear_weight(mlp.down).shape[1]
+        first = [_rows(mlp.gate_up, 0, width), _rows(mlp.gate_up, width, 2 * width)]
+    else:
+        first = [_rows(m) for m in (mlp.gate, mlp.up) if m is not None]
+    return [*first, (mlp.down, slice(None), "cols")]
 
 
-def _head_scores(config: WidthConfig, block, stats: InputNorms | None, generator) -> torch.Tensor:
+def _attention_members(block) -> tuple[list, list]:
+    """(members per query-head channel, members per KV-head channel)."""
     attn = block.attention
-    o = linear_weight(attn.o)
+    q_width, kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+    if attn.qkv is not None:
+        q, k, v = (
+            _rows(attn.qkv, 0, q_width),
+            _rows(attn.qkv, q_width, q_width + kv_width),
+            _rows(attn.qkv, q_width + kv_width),
+        )
+    else:
+        q, k, v = _rows(attn.q), _rows(attn.k), _rows(attn.v)
+    return [q, (attn.o, slice(None), "cols")], [k, v]
+
+
+def _member_score(config: WidthConfig, member, gradients: Gradients | None) -> torch.Tensor:
+    module, rows, by = member
+    weight = linear_weight(module)[rows]
+    if config.importance.startswith("magnitude"):
+        return magnitude(weight, by, p=1 if config.importance == "magnitude-l1" else 2)
+    fisher = gradients.fisher[module][rows] if gradients.fisher is not None else None
+    return taylor(weight, gradients.grad[module][rows], fisher, config.taylor, by)
+
+
+def score_block(
+    config: WidthConfig, block, moments: dict[str, InputMoments] | None, gradients: Gradients | None, generator
+) -> Scores:
+    """Per-channel scores of the block's heads and neurons under ``config.importance``."""
+    attn = block.attention
+    heads, head_dim = attn.num_heads, attn.head_dim
+    neurons = linear_weight(block.mlp.down).shape[1]
     if config.importance == "random":
-        return torch.rand(attn.num_heads, generator=generator)
-    if config.importance == "wanda-sp":
-        return heads_from_channels(wanda_sp_scores(o, stats.norms()), attn.head_dim)
-    if config.importance == "activation":
-        return heads_from_channels(stats.norms() ** 2, attn.head_dim).sqrt()
-    q = linear_weight(attn.q) if attn.q is not None else linear_weight(attn.qkv)[: attn.num_heads * attn.head_dim]
-    per_channel = channel_scores([q], [o], config.importance)
-    p = 1 if config.importance == "magnitude-l1" else 2
-    return heads_from_channels(per_channel**p, attn.head_dim) ** (1 / p)
+        return Scores(torch.rand(heads, 1, generator=generator), torch.rand(neurons, generator=generator))
+    if config.importance in FROM_INPUTS:
+        metric = {
+            "wanda-sp": lambda w, m: wanda_sp(w, m.norms()),
+            "activation": lambda w, m: m.squares.float(),  # squared: a head's score is its squared norm
+            "fluctuation": lambda w, m: fluctuation(w, m.variance()),
+        }[config.importance]
+        o, down = linear_weight(attn.o), linear_weight(block.mlp.down)
+        return Scores(metric(o, moments["o"]).view(heads, head_dim), metric(down, moments["down"]))
+    mlp = aggregate([_member_score(config, m, gradients) for m in _mlp_members(block)], config.aggregation)
+    per_head, per_kv = _attention_members(block)
+    members = [_member_score(config, m, gradients) for m in per_head]
+    if config.gqa == "kv-groups":  # the group owns its k and v rows: share them among its query heads
+        share = attn.queries_per_kv
+        members += [
+            (_member_score(config, m, gradients).view(attn.num_kv_heads, head_dim) / share)
+            .repeat_interleave(share, 0)
+            .flatten()
+            for m in per_kv
+        ]
+    return Scores(aggregate(members, config.aggregation).view(heads, head_dim), mlp)
 
 
-def _keep_heads(config: WidthConfig, scores: torch.Tensor, heads: int, kv_heads: int, target: Shape) -> torch.Tensor:
-    if config.gqa == "kv-groups":
-        group_scores = scores.view(kv_heads, -1).sum(1)
+def collect_moments(step) -> dict[str, InputMoments]:
+    """Mean, variance and norm of every input channel of down and o over the block's calibration inputs."""
+    block = step.block
+    linears = {"down": block.mlp.down, "o": block.attention.o}
+    device = linear_weight(block.attention.o).device
+    moments = {name: InputMoments(linear_weight(m).shape[1], device) for name, m in linears.items()}
+    with on_inputs(linears, lambda name, linear, x: moments[name].update(x)):
+        step.forward()
+    return moments
+
+
+# --- applying a shape ----------------------------------------------------------------------------
+
+
+def _keep_heads(gqa: str, head_scores: torch.Tensor, heads: int, kv_heads: int, target: Shape) -> torch.Tensor:
+    if gqa == "kv-groups":
+        group_scores = head_scores.view(kv_heads, -1).sum(1)
         remove = torch.argsort(group_scores, stable=True)[: kv_heads - target.num_kv_heads].tolist()
         return heads_for_kv_group_removal(heads, kv_heads, remove)
     per_group_removed = (heads - target.num_heads) // kv_heads
-    return heads_for_even_query_removal(heads, kv_heads, per_group_removed, scores)
+    return heads_for_even_query_removal(heads, kv_heads, per_group_removed, head_scores)
 
 
-def width_prepare(config: WidthConfig, model, calibration, engine) -> WidthConfig:
+def _compensate(linear, keep_channels: torch.Tensor, mean: torch.Tensor) -> None:
+    """FLAP: the removed input channels' mean contribution, W[:, removed] @ mean[removed], into the bias."""
+    weight = linear_weight(linear)
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[keep_channels] = False
+    add_output_bias(linear, weight[:, removed].float() @ mean[removed].to(weight.device).float())
+
+
+def apply_shape(config: WidthConfig, block, target: Shape, scores: Scores, moments) -> list[str]:
+    """Cut the block to ``target`` keeping its best heads and neurons; returns the linears given a bias."""
+    attn, mlp = block.attention, block.mlp
+    compensated = []
+    if target.num_heads < attn.num_heads:
+        keep = _keep_heads(config.gqa, scores.heads.sum(1), attn.num_heads, attn.num_kv_heads, target)
+        if config.bias_compensation:
+            channels = (keep[:, None] * attn.head_dim + torch.arange(attn.head_dim)).flatten()
+            _compensate(attn.o, channels, moments["o"].mean())
+            compensated.append("o")
+        prune_attention_heads(block, keep)
+    width = linear_weight(mlp.down).shape[1]
+    if target.intermediate_size < width:
+        keep = torch.argsort(scores.neurons, descending=True, stable=True)[: target.intermediate_size]
+        if config.bias_compensation:
+            _compensate(mlp.down, keep, moments["down"].mean())
+            compensated.append("down")
+        prune_mlp_neurons(block, keep)
+    return compensated
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class WidthPlan:
+    """A width run after ``width_prepare``: each pruned block's shape, and what was scored ahead."""
+
+    config: WidthConfig
+    shapes: dict[int, Shape]
+    scores: dict[int, Scores] = field(default_factory=dict)
+    moments: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Does the engine's pass still need block inputs (blocks scored or compensated from them)?"""
+        c = self.config
+        return any(
+            (i not in self.scores and c.importance in FROM_INPUTS) or (c.bias_compensation and i not in self.moments)
+            for i in self.shapes
+        )
+
+
+def _dense_shape(block) -> Shape:
+    s = block_shape(block)
+    return Shape(s.intermediate_size, s.num_heads, s.num_kv_heads)
+
+
+def _geometry(block) -> Geometry:
+    return Geometry(linear_weight(block.attention.o).shape[0], block.attention.head_dim, block.mlp.gated)
+
+
+def _score_ahead(config: WidthConfig, model, calibration, engine, blocks: list[int], gradients) -> tuple[dict, dict]:
+    """Every chosen block's scores (and input moments) from one read-only pass over the dense model."""
+    scores, moments = {}, {}
+    wants_inputs = config.importance in FROM_INPUTS or config.bias_compensation
+
+    def visit(step):
+        if step.index not in blocks:
+            return
+        if wants_inputs:
+            moments[step.index] = collect_moments(step)
+        generator = torch.Generator().manual_seed(config.seed + step.index)
+        scores[step.index] = score_block(config, step.block, moments.get(step.index), gradients, generator)
+
+    tokens = calibration.tokens if (calibration is not None and wants_inputs) else None
+    pass_engine = replace(engine, propagate="dense", checkpoint_dir=None)
+    run_sequential(model, visit, tokens, pass_engine, read_only=True)
+    return scores, moments
+
+
+def check_bias_expressible(model) -> None:
+    """Refuse FLAP's compensation where the config could not say the biases exist.
+
+    Such a folder would load in ``from_pretrained`` (and vLLM) without the biases and without an
+    error, computing something else than what was measured. A family qualifies when its o / down
+    projections have biases already (OPT, GPT-2) or a config flag gives them one (Llama)."""
+    adapter = get_adapter(model)
+    block = adapter.block(0)
+    names = {id(m): n for n, m in model.named_modules()}
+    config = copy.deepcopy(model.config)
+    for flag in ("attention_bias", "mlp_bias"):
+        if hasattr(config, flag):
+            setattr(config, flag, True)
+    possible = _reference_shapes(model, config)
+    missing = [names[id(m)] for m in (block.attention.o, block.mlp.down) if f"{names[id(m)]}.bias" not in possible]
+    if missing:
+        raise PrunekitError(
+            f"--bias-compensation adds biases to {' and '.join(missing)}, which {type(model.config).__name__} "
+            "has no setting for: standard loaders would silently drop them. Prune without it, or use a family "
+            "whose config can carry them (Llama, OPT, GPT-2)"
+        )
+
+
+def width_prepare(config: WidthConfig, model, calibration, engine) -> WidthPlan:
     if config.needs_calibration and calibration is None:
         raise PrunekitError(f"--importance {config.importance} needs calibration data; pass --calib (e.g. c4)")
-    return config
+    if config.bias_compensation:
+        check_bias_expressible(model)
+    adapter = get_adapter(model)
+    blocks = parse_layers(config.layers, adapter.num_blocks())
+    views = {i: adapter.block(i) for i in range(adapter.num_blocks())}
+    dense = {i: _dense_shape(v) for i, v in views.items()}
+    geometry = _geometry(views[0])
+
+    gradients, scores, moments = None, {}, {}
+    if config.importance == "taylor":
+        if is_lazy(model):
+            raise PrunekitError("--importance taylor back-propagates through the whole model; drop --lazy")
+        needs_fisher = config.taylor in ("second", "mix")
+        gradients = accumulate_gradients(model, calibration.tokens, needs_fisher, engine.progress)
+    if config.allocation == "global" or gradients is not None:
+        scores, moments = _score_ahead(config, model, calibration, engine, blocks, gradients)
+        del gradients  # the scores hold what was needed; the gradients are the size of the model
+
+    if config.target_params is None:
+        shapes = {i: explicit_shape(dense[i], config.intermediate_size, config.num_heads, config.gqa) for i in blocks}
+    else:
+        total = sum(geometry.params(s) for s in dense.values())
+        remove = config.target_params * total
+        if config.allocation == "global":
+            pairs = {i: (scores[i].heads, scores[i].neurons) for i in blocks}
+            shapes = global_shapes(
+                pairs, dense, geometry, remove, config.gqa, config.round_to, heads=config.prune_heads
+            )
+        else:
+            fraction = remove / sum(geometry.params(dense[i]) for i in blocks)
+            if fraction >= 1:
+                raise PrunekitError(
+                    f"--target-params {config.target_params} over only {len(blocks)} blocks (--layers "
+                    f"{config.layers}) would remove whole blocks; widen --layers or lower the target"
+                )
+            shapes = {
+                i: uniform_shape(fraction, dense[i], geometry, config.gqa, config.round_to, config.prune_heads)
+                for i in blocks
+            }
+    return WidthPlan(config, shapes, scores, moments)
 
 
-def width_finish(config: WidthConfig, model) -> dict:
-    """Every block has the same shape now: write it into the config, so any tool loads the result."""
-    return {"config": update_config_uniform(model)}
-
-
-def width_restore(config: WidthConfig, block, report: dict) -> None:
-    """Give a block the shape a checkpoint recorded; the checkpoint's weights then overwrite it."""
-    heads, kv_heads = block.attention.num_heads, block.attention.num_kv_heads
-    if report["num_heads"] < heads:
-        target = Shape(report["intermediate_size"], report["num_heads"], report["num_kv_heads"])
-        prune_attention_heads(block, _keep_heads(config, torch.zeros(heads), heads, kv_heads, target))
-    prune_mlp_neurons(block, torch.arange(report["intermediate_size"]))
-
-
-@register(WidthConfig, prepare=width_prepare, finish=width_finish, restore=width_restore)
-def width_block(config: WidthConfig, step) -> dict:
-    block = step.block
-    down, o = linear_weight(block.mlp.down), linear_weight(block.attention.o)
-    dense = Shape(down.shape[1], block.attention.num_heads, block.attention.num_kv_heads)
-    hidden = o.shape[0]  # o writes the residual stream
-    target = allocate(config, dense, hidden, block.attention.head_dim, block.mlp.gated)
-    stats = {}
-    if config.needs_calibration:
-        stats = {"down": InputNorms(down.shape[1], down.device), "o": InputNorms(o.shape[1], o.device)}
-        linears = {"down": block.mlp.down, "o": block.attention.o}
-        with on_inputs(linears, lambda name, linear, x: stats[name].update(x)):
-            step.forward()
-    generator = torch.Generator().manual_seed(config.seed + step.index)
-    if target.num_heads < dense.num_heads:
-        scores = _head_scores(config, block, stats.get("o"), generator)
-        prune_attention_heads(block, _keep_heads(config, scores, dense.num_heads, dense.num_kv_heads, target))
-    if target.intermediate_size < dense.intermediate_size:
-        scores = _mlp_scores(config, block, stats.get("down"), generator)
-        prune_mlp_neurons(block, torch.argsort(scores, descending=True, stable=True)[: target.intermediate_size])
-    return {
-        "intermediate_size": target.intermediate_size,
-        "num_heads": target.num_heads,
-        "num_kv_heads": target.num_kv_heads,
+def _report(block, compensated: list[str] | None = None) -> dict:
+    shape = _dense_shape(block)
+    report = {
+        "intermediate_size": shape.intermediate_size,
+        "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads,
     }
+    if compensated:
+        report["bias_added"] = compensated
+    return report
+
+
+def width_block(plan: WidthPlan, step) -> dict:
+    block, i = step.block, step.index
+    target = plan.shapes.get(i)
+    if target is None or target == _dense_shape(block):
+        return _report(block)
+    moments, scores = plan.moments.get(i), plan.scores.get(i)
+    from_inputs = scores is None and plan.config.importance in FROM_INPUTS
+    if moments is None and (plan.config.bias_compensation or from_inputs):
+        moments = collect_moments(step)
+    if scores is None:
+        generator = torch.Generator().manual_seed(plan.config.seed + i)
+        scores = score_block(plan.config, block, moments, None, generator)
+    compensated = apply_shape(plan.config, block, target, scores, moments)
+    return _report(block, compensated)
+
+
+def width_finish(model) -> dict:
+    """Write the new widths into the config when one config describes every block (a standard folder).
+
+    Otherwise (blocks of different widths; OPT / GPT-2 with heads removed; added biases the family's
+    config has no flag for) the config keeps the dense widths and the saved folder gets a shape
+    manifest that ``prunekit.load_pruned`` rebuilds from.
+    """
+    flags = express_added_biases(model)
+    try:
+        return {"config": update_config_uniform(model), **({"bias_flags": flags} if flags else {})}
+    except SurgeryError as err:
+        return {"config": None, "shape_manifest": str(err)}
+
+
+def width_restore(plan: WidthPlan, block, report: dict) -> None:
+    """Give a block the shape (and biases) a checkpoint recorded; the checkpoint's weights then overwrite it."""
+    from prunekit.shapes import editable_on_meta  # a lazy model's blocks are on meta here
+
+    heads, kv_heads = block.attention.num_heads, block.attention.num_kv_heads
+    with editable_on_meta(block.module):
+        if report["num_heads"] < heads:
+            target = Shape(report["intermediate_size"], report["num_heads"], report["num_kv_heads"])
+            prune_attention_heads(block, _keep_heads(plan.config.gqa, torch.zeros(heads), heads, kv_heads, target))
+        prune_mlp_neurons(block, torch.arange(report["intermediate_size"]))
+    linears = {"o": block.attention.o, "down": block.mlp.down}
+    for name in report.get("bias_added", []):
+        add_output_bias(linears[name], torch.zeros(linear_weight(linears[name]).shape[0]))
+
+
+register(WidthConfig, prepare=width_prepare, finish=lambda plan, model: width_finish(model), restore=width_restore)(
+    width_block
+)  # after width_restore, which the registration names

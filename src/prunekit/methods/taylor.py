@@ -1,0 +1,77 @@
+"""Gradients of the LM loss for LLM-Pruner's Taylor importance, one calibration sample at a time.
+
+The loss of the whole model must be differentiated, so this cannot run block by block like the
+other methods. Memory: the model, one fp32 gradient per decoder-block linear weight (the model's
+linear weights again, in fp32), and the activations of one sample's forward and backward. The
+second-order variants also keep the per-sample Fisher diagonal and the running mean gradient (two
+more copies). Only the block linears require gradients, so embeddings and the head need none.
+For SmolLM2-135M at 512 tokens that is about 1 GiB on top of the model (first order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.models import get_adapter
+
+
+@dataclass
+class Gradients:
+    """Per linear module: the mean gradient over the samples and, if asked, the Fisher diagonal.
+
+    Both are [out_features, in_features], the ``linear_weight`` layout (GPT-2's Conv1D transposed)."""
+
+    grad: dict[nn.Module, torch.Tensor]
+    fisher: dict[nn.Module, torch.Tensor] | None
+
+
+def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t() if type(module).__name__ == "Conv1D" else tensor
+
+
+def block_linears(model) -> list[nn.Module]:
+    adapter = get_adapter(model)
+    return [m for i in range(adapter.num_blocks()) for m in adapter.block(i).linears().values()]
+
+
+def accumulate_gradients(model, tokens: torch.Tensor, fisher: bool, progress: bool = True) -> Gradients:
+    """Gradient of the mean loss over ``tokens`` (one loss and backward per sample) and the Fisher diagonal.
+
+    The model's ``requires_grad`` flags and gradients are restored afterwards."""
+    linears = block_linears(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    device = next(model.parameters()).device
+    n = len(tokens)
+    mean = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in linears} if fisher else None
+    diag = {m: torch.zeros_like(m.weight, dtype=torch.float32) for m in linears} if fisher else None
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for m in linears:
+            m.weight.requires_grad_(True)
+        for sample in tqdm(tokens.split(1), desc="gradients", unit="sample", disable=not progress):
+            sample = sample.to(device)
+            loss = model(input_ids=sample, labels=sample, use_cache=False).loss
+            if not fisher:
+                (loss / n).backward()  # .grad accumulates the mean gradient
+                continue
+            loss.backward()
+            for m in linears:
+                g = m.weight.grad.float()
+                mean[m] += g / n
+                diag[m] += g * g / n
+                m.weight.grad = None
+        grads = mean if fisher else {m: m.weight.grad.float() for m in linears}
+        return Gradients(
+            {m: _out_in(m, g) for m, g in grads.items()},
+            {m: _out_in(m, f) for m, f in diag.items()} if fisher else None,
+        )
+    finally:
+        for p, flag in flags.items():
+            p.grad = None
+            p.requires_grad_(flag)

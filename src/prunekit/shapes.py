@@ -1,0 +1,241 @@
+"""Shape manifests: rebuild pruned models that their config cannot describe.
+
+A config gives one width for every block, OPT and GPT-2 derive the head size from the head count,
+and no config has a flag for a bias a method added where the family has none (FLAP's compensation
+on Qwen2 or Mistral). Models pruned past what the config says are saved with the config as it is
+(the dense widths) and a manifest under ``"shapes"`` in ``prunekit.json``::
+
+    {"blocks": [{"intermediate_size": 80, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}, ...],
+     "extra_parameters": {"model.layers.0.self_attn.o_proj.bias": [64]}}
+
+Loading builds the dense model on the meta device, reshapes it with the same surgery that pruned
+it (keeping the leading neurons and heads, whose values the weights file then overwrites), and
+reads every tensor once, straight to its device. A plain ``from_pretrained`` of such a folder
+fails on the size mismatches; a folder whose only difference is an extra bias loads there without
+that bias (transformers lists it as UNEXPECTED), so use ``prunekit.load`` for prunekit outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.io import MANIFEST
+from prunekit.lazy import WeightSource, empty_model, load_parameters, release, set_parameter
+from prunekit.models import Block, get_adapter, is_linear, linear_weight, tied_parameter_names
+from prunekit.surgery import (
+    BlockShape,
+    _reference_shapes,
+    _shapes,
+    add_output_bias,
+    block_shape,
+    prune_attention_heads,
+    prune_mlp_neurons,
+)
+
+BLOCK_KEYS = tuple(f.name for f in fields(BlockShape))
+RESAVE = f"config.json and {MANIFEST} do not belong together; re-save the model with prunekit"
+
+
+# -- describing ------------------------------------------------------------------------------------
+
+
+def describe_shapes(model: nn.Module) -> dict | None:
+    """The shape manifest ``model`` needs, or ``None`` when a model built from its config has its exact shapes.
+
+    The manifest is proven before it is returned, as ``update_config_uniform`` proves a config: the
+    dense model rebuilt from the config and reshaped by it must have exactly ``model``'s parameter
+    and buffer names and shapes. Otherwise ``PrunekitError``, so a save never writes a folder that
+    cannot be loaded back. Meta (lazy) models work: only ``.shape`` is read.
+    """
+    ours, dense = _shapes(model), _reference_shapes(model, model.config)
+    if ours == dense:
+        return None
+    adapter = get_adapter(model)
+    shapes = {
+        "blocks": [asdict(block_shape(adapter.block(i))) for i in range(adapter.num_blocks())],
+        "extra_parameters": {name: list(shape) for name, shape in ours.items() if name not in dense},
+    }
+    rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
+    apply_shapes(rebuilt, shapes)
+    theirs = _shapes(rebuilt)
+    differ = [n for n in {**ours, **theirs} if ours.get(n) != theirs.get(n)]
+    problems = [f"{n}: {ours.get(n)} here, {theirs.get(n)} rebuilt" for n in differ]
+    if problems:
+        raise PrunekitError(
+            "the config plus a shape manifest (block widths, added biases) cannot rebuild this model: "
+            + "; ".join(problems[:3])
+            + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        )
+    return shapes
+
+
+# -- applying --------------------------------------------------------------------------------------
+
+
+def apply_shapes(model: nn.Module, shapes: dict) -> None:
+    """Reshape a model freshly built from its (dense) config, in place, into the shapes a manifest gives.
+
+    Meta parameters are fine, so loaders reshape before they allocate. Each block keeps its leading
+    neurons and heads (the first ``num_kv_heads`` KV groups with the first ``num_heads // num_kv_heads``
+    query heads of each, a selection grouped-query attention accepts); only the shapes matter, the
+    weights file provides the values. A manifest that does not fit the model is a ``PrunekitError``.
+    """
+    adapter = get_adapter(model)
+    blocks = shapes.get("blocks") if isinstance(shapes, dict) else None
+    if not isinstance(blocks, list) or len(blocks) != adapter.num_blocks():
+        count = len(blocks) if isinstance(blocks, list) else "no"
+        raise PrunekitError(
+            f"the shape manifest describes {count} blocks but the config builds {adapter.num_blocks()}; {RESAVE}"
+        )
+    for i, entry in enumerate(blocks):
+        block = adapter.block(i)
+        with editable_on_meta(block.module):
+            _reshape_block(block, _block_target(entry, i))
+    for name, shape in (shapes.get("extra_parameters") or {}).items():
+        _add_bias(model, name, shape)
+
+
+def _block_target(entry, index: int) -> BlockShape:
+    try:
+        return BlockShape(**{key: int(entry[key]) for key in BLOCK_KEYS})
+    except (KeyError, TypeError, ValueError):
+        raise PrunekitError(
+            f"block {index} of the shape manifest must give {', '.join(BLOCK_KEYS)} as integers, got {entry!r}"
+        ) from None
+
+
+def _reshape_block(block: Block, target: BlockShape) -> None:
+    dense = block_shape(block)
+    problem = _unreachable(dense, target)
+    if problem:
+        raise PrunekitError(f"block {block.index}: the shape manifest asks for {problem}; {RESAVE}")
+    if (target.num_heads, target.num_kv_heads) != (dense.num_heads, dense.num_kv_heads):
+        prune_attention_heads(block, _leading_heads(dense, target))
+    if target.intermediate_size != dense.intermediate_size:
+        prune_mlp_neurons(block, torch.arange(target.intermediate_size))
+
+
+def _unreachable(dense: BlockShape, target: BlockShape) -> str | None:
+    """Why removing neurons and heads cannot turn ``dense`` into ``target``, or ``None`` when it can."""
+    if target.head_dim != dense.head_dim:
+        return f"head_dim {target.head_dim}, but the config builds {dense.head_dim}"
+    if not 0 < target.intermediate_size <= dense.intermediate_size:
+        return f"{target.intermediate_size} MLP neurons, but the config builds {dense.intermediate_size}"
+    group, kv = dense.num_heads // dense.num_kv_heads, target.num_kv_heads
+    if not (0 < kv <= dense.num_kv_heads and target.num_heads % kv == 0 and 0 < target.num_heads // kv <= group):
+        return (
+            f"{target.num_heads} query heads over {target.num_kv_heads} KV heads, but the config builds "
+            f"{dense.num_heads} over {dense.num_kv_heads}"
+        )
+    return None
+
+
+def _leading_heads(dense: BlockShape, target: BlockShape) -> torch.Tensor:
+    group = dense.num_heads // dense.num_kv_heads
+    per_group = target.num_heads // target.num_kv_heads
+    return torch.tensor([g * group + q for g in range(target.num_kv_heads) for q in range(per_group)])
+
+
+@contextmanager
+def editable_on_meta(module: nn.Module) -> Iterator[None]:
+    """Let surgery edit a module whose parameters are on meta, and put the result back on meta.
+
+    Surgery range-checks its indices, which needs values a meta tensor does not have. Zero-stride
+    CPU stand-ins have shapes and values and take no memory; the slices taken from them are the
+    pruned size and are released again at once.
+    """
+    if not any(p.is_meta for p in module.parameters()):
+        yield
+        return
+    for name, param in list(module.named_parameters()):
+        set_parameter(module, name, torch.zeros((), dtype=param.dtype).expand(param.shape))
+    try:
+        yield
+    finally:
+        release(module)
+
+
+def _add_bias(model: nn.Module, name: str, shape) -> None:
+    """Recreate an extra parameter: an output bias on a linear that has none (the only kind methods add)."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    width = linear_weight(owner).shape[0] if owner is not None and is_linear(owner) else None
+    shape = list(shape) if isinstance(shape, (list, tuple)) else shape
+    if attr != "bias" or width is None or getattr(owner, "bias", None) is not None or shape != [width]:
+        raise PrunekitError(
+            f"extra parameter {name} {shape}: prunekit recreates only an output bias ([out_features]) "
+            "on a linear layer that has none"
+        )
+    add_output_bias(owner, torch.zeros(width))
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def read_shapes(folder: str | os.PathLike) -> dict | None:
+    """The shape manifest saved in ``folder``'s ``prunekit.json``; ``None`` when there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"cannot read {path} ({str(err).splitlines()[0]}); fix or remove it") from None
+    return manifest.get("shapes") if isinstance(manifest, dict) else None
+
+
+def load_shaped_model(folder: Path, config, shapes: dict, dtype: torch.dtype, device) -> nn.Module:
+    """Build the model ``config`` and ``shapes`` describe on meta, then read each tensor once onto ``device``.
+
+    Strict, unlike ``from_pretrained``: every tensor the model expects must be in the folder and no
+    other (a tied head may be stored or not), since a tensor the manifest missed would otherwise be
+    left uninitialised.
+    """
+    model = empty_model(config, dtype)
+    apply_shapes(model, shapes)
+    source = WeightSource(folder, dtype)
+    tied = tied_parameter_names(model)
+    names = [name for name, _ in model.named_parameters() if name not in tied]
+    _check_complete(folder, source, names, tied)
+    load_parameters(model, source, names, device)
+    model.tie_weights()
+    untied = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if untied:
+        raise PrunekitError(f"{folder}: {untied[:3]} did not tie to the weights they share; re-save the model")
+    return model.to(device)
+
+
+def _check_complete(folder: Path, source: WeightSource, names: list[str], tied: set[str]) -> None:
+    missing = [name for name in names if source.key_for(name) is None]
+    claimed = {source.key_for(name) for name in names} | tied
+    unexpected = [key for key in source.files if key not in claimed]
+    if missing or unexpected:
+        raise PrunekitError(
+            f"{folder} does not hold the safetensors weights its config and shape manifest describe: "
+            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {RESAVE}"
+        )
+
+
+def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` from a folder prunekit saved, whatever its block shapes, in eval mode.
+
+    ``prunekit.load`` itself rebuilds a folder whose ``prunekit.json`` has ``"shapes"`` (and loads any
+    other folder as usual), so this is that call under the name that says what it is for. Weights
+    are read from safetensors only.
+    """
+    from prunekit.loading import load
+
+    return load(path, dtype=dtype, device=device)
