@@ -1,12 +1,15 @@
 """Width pruning on SmolLM2-135M: 20% of non-embedding parameters removed, no recovery.
 
-Perplexity (WikiText-2 raw test, seqlen 512, first --max-windows windows) and parameter counts for
-each importance and GQA policy, uniform allocation. Calibration: C4 sample, --nsamples x 512, seed 0.
-With --speed, also prefill latency (1 x 512) and greedy decode tokens/s (64 new tokens), dense and
-pruned in the same run (median of --repeats after a warm-up).
+Perplexity (WikiText-2 raw test, seqlen 512, first --max-windows windows; 0 = the full split) and
+parameter counts for each importance, GQA policy ("mlp-only": heads kept) and allocation (uniform
+shapes or FLAP-style global ranking), and the two recipes. Calibration: C4 sample, --nsamples x 512,
+seed 0 (the recipes use their own sample counts and lengths). With --speed, prefill latency (1 x 512)
+and greedy decode tokens/s (64 new tokens) instead, dense and pruned in the same run (median of
+--repeats after a warm-up), at each --round-to given.
 
     python benchmarks/width.py --json benchmarks/results/width-64.json
-    python benchmarks/width.py --speed --runs "wanda-sp kv-groups" --json benchmarks/results/width-speed.json
+    python benchmarks/width.py --speed --runs "wanda-sp mlp-only uniform" --round-to 1 8 64 128 \
+        --json benchmarks/results/width-speed.json
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ from prunekit import load
 from prunekit.data import calibration, load_text
 from prunekit.evaluate import measure_speed, perplexity
 from prunekit.methods import WidthConfig, prune
+from prunekit.methods.width import RECIPES
 from prunekit.models import parameter_counts
 from prunekit.sequential import EngineConfig
 
-IMPORTANCES = ("magnitude-l2", "wanda-sp", "activation", "random")
-RUNS = {f"{imp} {gqa}": (imp, gqa) for imp in IMPORTANCES for gqa in ("kv-groups", "query-even")}
-RUNS["wanda-sp mlp-only"] = ("wanda-sp", None)
+IMPORTANCES = ("magnitude-l2", "wanda-sp", "activation", "fluctuation", "taylor", "random")
+POLICIES = {"kv-groups": {"gqa": "kv-groups"}, "query-even": {"gqa": "query-even"}, "mlp-only": {"prune_heads": False}}
+RUNS = {
+    f"{imp} {policy} {alloc}": ({"importance": imp, "allocation": alloc, **options}, None)
+    for imp in IMPORTANCES
+    for policy, options in POLICIES.items()
+    for alloc in ("uniform", "global")
+}
+RUNS.update({f"recipe {name}": (recipe.options, recipe) for name, recipe in RECIPES.items()})
 
 
 def main():
@@ -39,7 +49,7 @@ def main():
     parser.add_argument("--runs", nargs="*", default=list(RUNS))
     parser.add_argument("--speed", action="store_true", help="measure speed instead of perplexity")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--round-to", type=int, nargs="*", default=[8])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -52,41 +62,47 @@ def main():
         results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
         print(f"dense: {results['dense_speed']}", flush=True)
     else:
-        dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=args.max_windows, progress=False)
+        windows = args.max_windows or None
+        dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
         results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model)}
         print(f"dense ppl {dense.ppl:.3f} params {parameter_counts(model)}", flush=True)
     for name in args.runs:
-        importance, gqa = RUNS[name]
-        model, _ = load(args.model)
-        config = WidthConfig(
-            args.target,
-            importance=importance,
-            gqa=gqa or "kv-groups",
-            prune_heads=gqa is not None,
-            round_to=args.round_to,
-        )
-        start = time.perf_counter()
-        prune(model, config, calib if config.needs_calibration else None, EngineConfig(progress=False))
-        row = {
-            "prune_seconds": time.perf_counter() - start,
-            "params": parameter_counts(model),
-            "shape": [
-                model.config.intermediate_size,
-                model.config.num_attention_heads,
-                model.config.num_key_value_heads,
-            ],
-        }
-        if args.speed:
-            row["speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-        else:
-            row["ppl"] = perplexity(
-                model, tokenizer, text, seqlen=512, max_windows=args.max_windows, progress=False
-            ).ppl
-        results["runs"][name] = row
-        print(f"{name:24s} {row}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
+        for round_to in args.round_to:
+            key = name if len(args.round_to) == 1 else f"{name} round-to {round_to}"
+            results["runs"][key] = run_one(args, name, round_to, calib, tokenizer, text)
+            print(f"{key:40s} {results['runs'][key]}", flush=True)
+            save(args.json, results)  # after every run: a benchmark killed half-way keeps what it measured
+    if args.speed:  # the machine is shared: a second dense measurement shows how much the clock drifted
+        results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
+        save(args.json, results)
+
+
+def save(path, results) -> None:
+    if path:
+        with open(path, "w") as fh:
             json.dump(results, fh, indent=2)
+
+
+def run_one(args, name, round_to, calib, tokenizer, text) -> dict:
+    options, recipe = RUNS[name]
+    model, _ = load(args.model)
+    config = WidthConfig(args.target, round_to=round_to, **options)
+    if recipe is not None:
+        calib = calibration(tokenizer, recipe.calib, n_samples=recipe.nsamples, seqlen=recipe.seqlen, seed=0)
+    start = time.perf_counter()
+    result = prune(model, config, calib if config.needs_calibration else None, EngineConfig(progress=False))
+    row = {
+        "prune_seconds": time.perf_counter() - start,
+        "params": parameter_counts(model),
+        "calibration": result.calibration,
+        "blocks": [[b["intermediate_size"], b["num_heads"], b["num_kv_heads"]] for b in result.engine.blocks],
+    }
+    if args.speed:
+        row["speed"] = measure_speed(model, repeats=args.repeats).to_dict()
+    else:
+        windows = args.max_windows or None
+        row["ppl"] = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl
+    return row
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Speed as gpt-fast measures it: warm-up excluded, device synced before reading the clock, medians
-over repeats. Prefill latency for one prompt, greedy decode tokens/s with the KV cache, peak memory."""
+over repeats. Prefill latency for one prompt, greedy decode tokens/s with the KV cache, peak memory.
+
+Prefill is what ``generate`` does before the first new token: one forward of the prompt that fills
+the KV cache and computes the logits of the last position only (``logits_to_keep=1``); logits for
+every prompt position would add a vocabulary-sized matmul per token that no generation pays."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ class SpeedResult:
     batch_size: int
     prompt_tokens: int
     new_tokens: int
-    prefill_ms: float  # median
+    prefill_ms: float  # median: prompt forward filling the KV cache, last-position logits
     decode_tokens_per_s: float  # median: the n - 1 cached steps after the first new token
     repeats: int
     peak_memory_mb: float | None  # CUDA only
@@ -63,7 +67,7 @@ def measure_speed(
         return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     for i in range(warmup + repeats):
-        prefill_s = timed(lambda: model(input_ids=ids, use_cache=False))
+        prefill_s = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
         # generate(1) is the prefill plus the first token; generate(n) adds n - 1 cached decode steps
         decode_s = timed(generate(new_tokens)) - timed(generate(1))
         if i >= warmup:
