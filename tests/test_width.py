@@ -299,3 +299,36 @@ def test_bias_compensation_on_families_with_biases(family, tmp_path):
     ids = tokens(n=1, seqlen=8)
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_lazy_width_run_resumes_from_a_checkpoint(tmp_path):
+    import dataclasses
+
+    from prunekit import load, save_pruned
+    from tiny_models import save_tiny
+
+    save_tiny(tmp_path / "src", "qwen3")
+    config = WidthConfig(intermediate_size=64, num_heads=2, importance="wanda-sp")
+    eager, tokenizer = load(tmp_path / "src")
+    prune(eager, config, calib(), EngineConfig(progress=False))
+
+    original = METHODS[WidthConfig]
+
+    def crash_on_block_1(cfg, step):
+        if step.index == 1:
+            raise KeyboardInterrupt
+        return original.block(cfg, step)
+
+    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    METHODS[WidthConfig] = dataclasses.replace(original, block=crash_on_block_1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune(load(tmp_path / "src", lazy=True)[0], config, calib(), engine)
+    finally:
+        METHODS[WidthConfig] = original
+    lazy, _ = load(tmp_path / "src", lazy=True)
+    assert prune(lazy, config, calib(), engine).engine.resumed_from == 1  # block 0 reshaped on meta, then read
+    save_pruned(lazy, tokenizer, tmp_path / "out", {})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for (name, a), b in zip(eager.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
