@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--round-to", type=int, nargs="*", default=[8])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline (measured by another run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -61,7 +62,7 @@ def main():
     if args.speed:
         results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
         print(f"dense: {results['dense_speed']}", flush=True)
-    else:
+    elif not args.no_dense:
         windows = args.max_windows or None
         dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
         results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model)}

@@ -232,15 +232,16 @@ def score_block(
     return Scores(aggregate(members, config.aggregation).view(heads, head_dim), mlp)
 
 
-def collect_moments(step) -> dict[str, InputMoments]:
-    """Mean, variance and norm of every input channel of down and o over the block's calibration inputs."""
+def collect_moments(step) -> tuple[dict[str, InputMoments], list[torch.Tensor]]:
+    """Mean, variance and norm of every input channel of down and o over the block's calibration inputs,
+    and the block's outputs from that same pass."""
     block = step.block
     linears = {"down": block.mlp.down, "o": block.attention.o}
     device = linear_weight(block.attention.o).device
     moments = {name: InputMoments(linear_weight(m).shape[1], device) for name, m in linears.items()}
     with on_inputs(linears, lambda name, linear, x: moments[name].update(x)):
-        step.forward()
-    return moments
+        outputs = step.forward()
+    return moments, outputs
 
 
 # --- applying a shape ----------------------------------------------------------------------------
@@ -324,12 +325,15 @@ def _score_ahead(config: WidthConfig, model, calibration, engine, blocks: list[i
         if step.index not in blocks:
             return
         if wants_inputs:
-            moments[step.index] = collect_moments(step)
+            moments[step.index], outputs = collect_moments(step)
+            step.accept(outputs)  # nothing changes in this pass: the next block's inputs are these
         generator = torch.Generator().manual_seed(config.seed + step.index)
         scores[step.index] = score_block(config, step.block, moments.get(step.index), gradients, generator)
 
     tokens = calibration.tokens if (calibration is not None and wants_inputs) else None
-    pass_engine = replace(engine, propagate="dense", checkpoint_dir=None)
+    # Read-only: every block stays dense, so "pruned" propagation feeds dense outputs, and accepting
+    # the statistics pass's outputs spares a second run of each block.
+    pass_engine = replace(engine, propagate="pruned", checkpoint_dir=None)
     run_sequential(model, visit, tokens, pass_engine, read_only=True)
     return scores, moments
 
@@ -422,7 +426,7 @@ def width_block(plan: WidthPlan, step) -> dict:
     moments, scores = plan.moments.get(i), plan.scores.get(i)
     from_inputs = scores is None and plan.config.importance in FROM_INPUTS
     if moments is None and (plan.config.bias_compensation or from_inputs):
-        moments = collect_moments(step)
+        moments, _ = collect_moments(step)  # the block changes next, so the engine re-runs it
     if scores is None:
         generator = torch.Generator().manual_seed(plan.config.seed + i)
         scores = score_block(plan.config, block, moments, None, generator)
