@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--round-to", type=int, nargs="*", default=[8])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per block forward")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline (measured by another run)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -91,7 +92,8 @@ def run_one(args, name, round_to, calib, tokenizer, text) -> dict:
     if recipe is not None:
         calib = calibration(tokenizer, recipe.calib, n_samples=recipe.nsamples, seqlen=recipe.seqlen, seed=0)
     start = time.perf_counter()
-    result = prune(model, config, calib if config.needs_calibration else None, EngineConfig(progress=False))
+    engine = EngineConfig(progress=False, batch_size=args.batch_size)
+    result = prune(model, config, calib if config.needs_calibration else None, engine)
     row = {
         "prune_seconds": time.perf_counter() - start,
         "params": parameter_counts(model),
