@@ -1,6 +1,6 @@
 """Render width benchmark results (one or more JSON files from benchmarks/width.py) as a Markdown table.
 
-    python benchmarks/width_table.py benchmarks/results/width-64.json [more.json ...]
+python benchmarks/width_table.py benchmarks/results/width-64.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def shape_text(blocks: list[list[int]]) -> str:
 def main(paths: list[str]) -> None:
     runs, dense = {}, None
     for path in paths:
-        results = json.load(open(path))
+        with open(path) as fh:
+            results = json.load(fh)
         dense = results.get("dense", dense)
         runs.update(results["runs"])
     base = dense["params"]["non_embedding"] if dense else None

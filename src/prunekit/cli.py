@@ -96,12 +96,14 @@ def eval_ppl(
 @friendly
 def prune(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
-    method: str = typer.Option(..., help="Pruning method: magnitude, wanda, sparsegpt or width."),
+    method: str = typer.Option(..., help="Pruning method: magnitude, wanda, sparsegpt, width or depth."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     sparsity: Optional[float] = typer.Option(
         None, help="Fraction of weights to remove from each linear layer (magnitude, wanda, sparsegpt; default 0.5)."
     ),
-    target_params: Optional[float] = typer.Option(None, help="width: fraction of non-embedding parameters to remove."),
+    target_params: Optional[float] = typer.Option(
+        None, help="width, depth: fraction of non-embedding parameters to remove."
+    ),
     intermediate_size: Optional[int] = typer.Option(None, help="width: MLP neurons to keep per block."),
     num_heads: Optional[int] = typer.Option(None, help="width: query heads to keep per block."),
     importance: Optional[str] = typer.Option(
@@ -120,6 +122,21 @@ def prune(
     gqa: Optional[str] = typer.Option(None, help="width: 'kv-groups' (remove whole KV groups) or 'query-even'."),
     round_to: Optional[int] = typer.Option(None, help="width: round the MLP width down to a multiple (8)."),
     prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--no-prune-heads", help="width: may heads go?"),
+    criterion: Optional[str] = typer.Option(
+        None, help="depth: ppl (default), taylor (Taylor+), magnitude, block-influence (ShortGPT), angular (Gromov)."
+    ),
+    remove: Optional[int] = typer.Option(None, help="depth: blocks (or sub-layers, with --unit) to remove."),
+    unit: Optional[str] = typer.Option(
+        None, help="depth: block (default), attention, mlp, or sublayer (both kinds, ranked together)."
+    ),
+    iterative: Optional[bool] = typer.Option(
+        None, "--iterative/--one-shot", help="depth: remove the best unit, re-score the rest, repeat (SLEB)."
+    ),
+    protect_first: Optional[int] = typer.Option(None, help="depth: first blocks never removed (taylor: 4, else 0)."),
+    protect_last: Optional[int] = typer.Option(None, help="depth: last blocks never removed (taylor: 2, else 0)."),
+    ranking_from: Optional[Path] = typer.Option(
+        None, help="depth: the prunekit.json of an earlier depth run; reuse its ranking instead of scoring again."
+    ),
     nm: Optional[str] = typer.Option(None, help="N:M sparsity, e.g. 2:4 or 4:8: prune N of every M weights."),
     order: Optional[str] = typer.Option(
         None,
@@ -138,8 +155,12 @@ def prune(
     percdamp: Optional[float] = typer.Option(None, help="sparsegpt: initial dampening, fraction of mean diag(H)."),
     hessian_dtype: Optional[str] = typer.Option(None, help="sparsegpt: float32 or float64."),
     calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
-    nsamples: Optional[int] = typer.Option(None, help="Calibration samples (128; a recipe may set its own)."),
-    seqlen: Optional[int] = typer.Option(None, help="Calibration sample length in tokens (2048; or the recipe's)."),
+    nsamples: Optional[int] = typer.Option(
+        None, help="Calibration samples (128; depth: 10; a recipe may set its own)."
+    ),
+    seqlen: Optional[int] = typer.Option(
+        None, help="Calibration sample length in tokens (2048; depth: 128; or the recipe's)."
+    ),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after on this data."),
     eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
@@ -179,7 +200,8 @@ def prune(
     )
     if recipe is not None:
         options, calib, nsamples, seqlen = apply_recipe(method, recipe, options, calib, nsamples, seqlen)
-    nsamples, seqlen = nsamples or 128, seqlen or 2048
+    default_samples, default_seqlen = calibration_defaults(method)
+    nsamples, seqlen = nsamples or default_samples, seqlen or default_seqlen
     method_config = method_config_from_options(
         method,
         sparsity=sparsity,
@@ -202,6 +224,13 @@ def prune(
         blocksize=blocksize,
         percdamp=percdamp,
         hessian_dtype=hessian_dtype,
+        criterion=criterion,
+        remove=remove,
+        unit=unit,
+        iterative=iterative,
+        protect_first=protect_first,
+        protect_last=protect_last,
+        ranking_from=str(ranking_from) if ranking_from is not None else None,
     )
     if getattr(method_config, "needs_calibration", False) and calib is None:
         raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
@@ -245,6 +274,13 @@ def apply_recipe(method: str, recipe: str, options: dict, calib, nsamples, seqle
     chosen = RECIPES[recipe]
     merged = {**options, **{k: v for k, v in chosen.options.items() if options.get(k) is None}}
     return merged, calib or chosen.calib, nsamples or chosen.nsamples, seqlen or chosen.seqlen
+
+
+def calibration_defaults(method: str) -> tuple[int, int]:
+    """Calibration samples and length when not given: the method's own (depth: 10 x 128), else 128 x 2048."""
+    from prunekit.methods import CONFIGS
+
+    return getattr(CONFIGS.get(method), "calibration_defaults", (128, 2048))
 
 
 def method_config_from_options(method: str, **options):
@@ -295,6 +331,8 @@ def run_prune_job(
     shapes = [b for b in result.engine.blocks if set(b) - {"block", "sparsity"}]
     if shapes:
         metrics["blocks"] = shapes
+    if "ranking" in result.outside_blocks:  # depth: reusable with --ranking-from
+        metrics["ranking"] = result.outside_blocks["ranking"]
     metrics["prune_seconds"] = result.seconds
     if text is not None:
         metrics["ppl_after"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
@@ -330,6 +368,9 @@ def format_report(report: dict) -> str:
         lines.append(
             f"sparsity     {m['sparsity_mean']:.1%} of the weights of {len(m['layer_sparsity'])} linear layers"
         )
+    if "ranking" in m:
+        removed = ", ".join(f"{b['removed']} {b['block']}" for b in m.get("blocks", []))
+        lines.append(f"removed      {removed} (ranking reusable: --ranking-from {report['out']}/prunekit.json)")
     lines.append(f"pruning time {m['prune_seconds']:.1f} s")
     if "ppl_before" in m:
         before, after = m["ppl_before"], m["ppl_after"]

@@ -8,6 +8,11 @@ on Qwen2 or Mistral). Models pruned past what the config says are saved with the
     {"blocks": [{"intermediate_size": 80, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}, ...],
      "extra_parameters": {"model.layers.0.self_attn.o_proj.bias": [64]}}
 
+A block whose attention or MLP sub-layer was removed (depth pruning) says so with ``"attention": false``
+or ``"mlp": false``; its widths for the missing part are the config's. Such a folder holds a zero-size
+tensor where the removed output projection's weight was (``prunekit.depth_surgery``), which a plain
+``from_pretrained`` refuses as a size mismatch rather than loading a model with random sub-layers.
+
 Loading builds the dense model on the meta device, reshapes it with the same surgery that pruned
 it (keeping the leading neurons and heads, whose values the weights file then overwrites), and
 reads every tensor once, straight to its device. A plain ``from_pretrained`` of such a folder
@@ -28,10 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.depth_surgery import PARTS, kept_sublayers, remove_sublayer
 from prunekit.errors import PrunekitError
 from prunekit.io import MANIFEST
 from prunekit.lazy import WeightSource, empty_model, load_parameters, release, set_parameter
 from prunekit.models import Block, get_adapter, is_linear, linear_weight, tied_parameter_names
+from prunekit.models.base import _heads_from_weights
 from prunekit.surgery import (
     BlockShape,
     _reference_shapes,
@@ -61,11 +68,11 @@ def describe_shapes(model: nn.Module) -> dict | None:
     if ours == dense:
         return None
     adapter = get_adapter(model)
+    rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
     shapes = {
-        "blocks": [asdict(block_shape(adapter.block(i))) for i in range(adapter.num_blocks())],
+        "blocks": [_describe_block(adapter, i, get_adapter(rebuilt).block(i)) for i in range(adapter.num_blocks())],
         "extra_parameters": {name: list(shape) for name, shape in ours.items() if name not in dense},
     }
-    rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
     apply_shapes(rebuilt, shapes)
     theirs = _shapes(rebuilt)
     differ = [n for n in {**ours, **theirs} if ours.get(n) != theirs.get(n)]
@@ -77,6 +84,21 @@ def describe_shapes(model: nn.Module) -> dict | None:
             + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         )
     return shapes
+
+
+def _describe_block(adapter, index: int, dense: Block) -> dict:
+    """One block's manifest entry: its widths, and ``"attention": false`` / ``"mlp": false`` for a removed part.
+
+    The adapter cannot view a block that lacks a part, so a removed part's widths come from ``dense``
+    (the block as the config builds it)."""
+    module = adapter.blocks()[index]
+    kept = kept_sublayers(module)
+    if all(kept.values()):
+        return asdict(block_shape(adapter.block(index)))
+    attention = _heads_from_weights(adapter.attention(module)) if kept["attention"] else dense.attention
+    mlp = adapter.mlp(module) if kept["mlp"] else dense.mlp
+    entry = asdict(block_shape(Block(module, index, attention, mlp, {})))
+    return {**entry, **{part: False for part in PARTS if not kept[part]}}
 
 
 # -- applying --------------------------------------------------------------------------------------
@@ -101,6 +123,8 @@ def apply_shapes(model: nn.Module, shapes: dict) -> None:
         block = adapter.block(i)
         with editable_on_meta(block.module):
             _reshape_block(block, _block_target(entry, i))
+            for part in _removed_parts(entry, i):
+                remove_sublayer(block, part)
     for name, shape in (shapes.get("extra_parameters") or {}).items():
         _add_bias(model, name, shape)
 
@@ -112,6 +136,13 @@ def _block_target(entry, index: int) -> BlockShape:
         raise PrunekitError(
             f"block {index} of the shape manifest must give {', '.join(BLOCK_KEYS)} as integers, got {entry!r}"
         ) from None
+
+
+def _removed_parts(entry: dict, index: int) -> list[str]:
+    flags = {part: entry.get(part, True) for part in PARTS}
+    if not all(isinstance(flag, bool) for flag in flags.values()):
+        raise PrunekitError(f"block {index} of the shape manifest: attention and mlp must be true or false: {flags}")
+    return [part for part, kept in flags.items() if not kept]
 
 
 def _reshape_block(block: Block, target: BlockShape) -> None:

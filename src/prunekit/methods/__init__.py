@@ -1,7 +1,9 @@
 """Pruning methods: one file each, a config dataclass and a per-block function, joined by a registry.
 
 ``prune(model, config, calibration, engine)`` looks the config's type up in ``METHODS`` and runs
-its block function in the sequential engine.
+its block function in the sequential engine. A method that cannot work block by block (depth
+pruning: its scores need the whole network, and it changes the block list) registers a whole-model
+function instead, which returns the same report.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_seque
 
 @dataclass(frozen=True)
 class Method:
-    block: Callable[[object, BlockStep], dict]  # prune one block: (config, step) -> report
+    block: Callable[[object, BlockStep], dict] | None  # prune one block: (config, step) -> report
     prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
     finish: Callable | None = None  # (config, model) -> report, after the last block
     restore: Callable | None = None  # (config, block, report) -> None: reshape a block to take its checkpoint
+    # instead of all the above: (config, model, calibration, engine) -> (EngineReport, report outside the blocks)
+    whole_model: Callable | None = None
 
 
 METHODS: dict[type, Method] = {}
@@ -35,6 +39,16 @@ def register(
 
     def wrap(fn):
         METHODS[config_type] = Method(fn, prepare, finish, restore)
+        return fn
+
+    return wrap
+
+
+def register_whole_model(config_type: type):
+    """Register ``fn(config, model, calibration, engine) -> (EngineReport, dict)``, run instead of the engine."""
+
+    def wrap(fn):
+        METHODS[config_type] = Method(None, whole_model=fn)
         return fn
 
     return wrap
@@ -79,10 +93,33 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
     if getattr(config, "needs_calibration", False) and calibration is None:
         raise PrunekitError(f"{method_name(config)} needs calibration data; pass --calib (e.g. c4)")
     engine = engine or EngineConfig()
+    start = time.perf_counter()
+    if method.whole_model is not None:
+        report, outside = method.whole_model(config, model, calibration, engine)
+    else:
+        report, outside = _run_blocks(method, model, config, calibration, engine)
+    return PruneResult(
+        method_name(config),
+        asdict(config),
+        report,
+        calibration.describe() if calibration else None,
+        time.perf_counter() - start,
+        outside,
+    )
+
+
+def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig) -> tuple[EngineReport, dict]:
+    """A per-block method in the sequential engine: prepare, every block, finish."""
+    from prunekit.depth_surgery import has_removed_sublayers
+
+    if has_removed_sublayers(model):
+        raise PrunekitError(
+            f"this model lacks attention or MLP sub-layers (depth-pruned with --unit); {method_name(config)} needs "
+            "both parts of every block: prune the model it was made from, then remove the sub-layers"
+        )
     if calibration is not None and getattr(config, "order", None) == "sequential":
         engine = replace(engine, batch_size=len(calibration.tokens))  # one pass per block sees every sample
     fingerprint = run_fingerprint(model, config, calibration)
-    start = time.perf_counter()
     # ``prepare`` may return a richer object (e.g. width's plan); the report keeps the user's config.
     prepared = method.prepare(config, model, calibration, engine) if method.prepare is not None else config
     # A method that needs no block inputs (data-free, or scored ahead by ``prepare``) skips their forwards.
@@ -96,26 +133,21 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         restore=(lambda block, report: method.restore(prepared, block, report)) if method.restore else None,
     )
     outside = method.finish(prepared, model) if method.finish is not None else {}
-    return PruneResult(
-        method_name(config),
-        asdict(config),
-        report,
-        calibration.describe() if calibration else None,
-        time.perf_counter() - start,
-        outside,
-    )
+    return report, outside
 
 
-from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402  (each registers itself)
+from prunekit.methods.depth import DepthConfig  # noqa: E402  (each registers itself)
+from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.wanda import WandaConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 
-CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig)}
+CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig)}
 
 __all__ = [
     "CONFIGS",
     "METHODS",
+    "DepthConfig",
     "MagnitudeConfig",
     "PruneResult",
     "SparseGPTConfig",
@@ -123,4 +155,5 @@ __all__ = [
     "WidthConfig",
     "prune",
     "register",
+    "register_whole_model",
 ]

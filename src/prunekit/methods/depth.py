@@ -1,0 +1,264 @@
+"""Depth pruning: remove whole blocks (Shortened LLaMA, ShortGPT, SLEB, Gromov et al.), or single
+attention or MLP sub-layers (He et al. 2024, "What matters in transformers?").
+
+Not a per-block method: the scores need the whole network (a block's removal is judged by what the
+rest of the network makes of it) and removal changes the block list, so depth registers a
+whole-model function instead of a block function (``register_whole_model``).
+
+The run:
+1. candidates: every unit (block, or attention / MLP sub-layer) outside the protected first and last
+   blocks (Taylor+ keeps the first four and the last two by default, as Shortened LLaMA does);
+2. ranking: one-shot, every candidate scored once on the dense model (``depth_scores``); or
+   iterative, the best unit removed and the rest re-scored, until the count or the parameter
+   target is reached (SLEB's greedy loop; with ``ppl`` it is SLEB);
+3. selection: the first units of the ranking, ``remove`` of them or as many as bring the removed
+   parameters nearest ``target_params`` (sub-layers counted by their own size); for one-shot
+   angular blocks, the best contiguous run of that length;
+4. removal: blocks for real, with the config rewritten (a standard folder); sub-layers replaced
+   by stand-ins, saved with a shape manifest (see ``prunekit.depth_surgery``).
+
+The ranking is returned (and saved in ``prunekit.json`` under ``metrics.ranking``); passing that file
+as ``ranking_from`` (``--ranking-from``) prunes at another count without scoring again. A greedy
+ranking holds only the removals it made: any shorter prefix is what a shorter greedy run would have
+chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from prunekit.depth_surgery import has_removed_sublayers
+from prunekit.errors import PrunekitError
+from prunekit.lazy import is_lazy
+from prunekit.methods import register_whole_model
+from prunekit.methods.depth_scores import CRITERIA, Context, Network, Unit, angular_runs
+from prunekit.models import parameter_counts
+from prunekit.sequential import EngineReport
+
+log = logging.getLogger(__name__)
+
+UNITS = {"block": ("block",), "attention": ("attention",), "mlp": ("mlp",), "sublayer": ("attention", "mlp")}
+PROTECT = {"taylor": (4, 2)}  # Taylor+: Shortened LLaMA keeps the first four and the last two blocks
+RANKED_BY = ("criterion", "unit", "iterative", "protect_first", "protect_last")
+
+
+@dataclass
+class DepthConfig:
+    criterion: str | None = None  # ppl | taylor | magnitude | block-influence | angular (default ppl)
+    remove: int | None = None  # units to remove ...
+    target_params: float | None = None  # ... or the fraction of non-embedding parameters to remove
+    unit: str | None = None  # block (default) | attention | mlp | sublayer (both kinds, ranked together)
+    iterative: bool | None = None  # remove the best unit, re-score the rest, repeat (SLEB)
+    protect_first: int | None = None  # blocks never removed at the start (taylor: 4, else 0) ...
+    protect_last: int | None = None  # ... and at the end (taylor: 2, else 0)
+    ranking_from: str | None = None  # prunekit.json of an earlier depth run: reuse its ranking, no scoring
+    method: ClassVar[str] = "depth"
+    calibration_defaults: ClassVar[tuple[int, int]] = (10, 128)  # Shortened LLaMA's PPL calibration
+
+    def __post_init__(self):
+        if (self.remove is None) == (self.target_params is None):
+            raise PrunekitError("--method depth needs exactly one of --remove N or --target-params FRACTION")
+        if self.remove is not None and self.remove < 1:
+            raise PrunekitError(f"--remove must be at least 1, got {self.remove}")
+        if self.target_params is not None and not 0 < self.target_params < 1:
+            raise PrunekitError(f"--target-params must be in (0, 1), got {self.target_params}")
+        if self.criterion is not None and self.criterion not in CRITERIA:
+            raise PrunekitError(f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.unit is not None and self.unit not in UNITS:
+            raise PrunekitError(f"--unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        for name in ("protect_first", "protect_last"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PrunekitError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if self.ranking_from is not None:
+            self.ranking_from = str(self.ranking_from)
+            self._take_from(read_ranking(self.ranking_from))
+        self.criterion = self.criterion or "ppl"
+        self.unit = self.unit or "block"
+        self.iterative = bool(self.iterative)
+        first, last = PROTECT.get(self.criterion, (0, 0))
+        self.protect_first = first if self.protect_first is None else self.protect_first
+        self.protect_last = last if self.protect_last is None else self.protect_last
+        if self.iterative and self.criterion == "magnitude":
+            raise PrunekitError("--criterion magnitude does not change when other blocks go; drop --iterative")
+
+    def _take_from(self, ranking: dict) -> None:
+        """The ranking's settings, unless the user asked for different ones (then it is the wrong ranking)."""
+        for name in RANKED_BY:
+            mine, theirs = getattr(self, name), ranking[name]
+            if mine is not None and mine != theirs:
+                raise PrunekitError(
+                    f"--{name.replace('_', '-')} {mine} differs from the ranking's {theirs} ({self.ranking_from}); "
+                    "drop the option to reuse the ranking, or drop --ranking-from to score again"
+                )
+            setattr(self, name, theirs)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.ranking_from is None and self.criterion != "magnitude"
+
+
+def read_ranking(path: str | Path) -> dict:
+    """The depth ranking in a ``prunekit.json`` (under ``metrics.ranking``) or in a JSON file of its own."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrunekitError(f"cannot read the ranking {path} ({str(err).splitlines()[0]})") from None
+    ranking = (data.get("metrics") or {}).get("ranking") if isinstance(data, dict) and "metrics" in data else data
+    if not isinstance(ranking, dict) or any(k not in ranking for k in (*RANKED_BY, "num_blocks", "order")):
+        raise PrunekitError(f"{path} holds no depth ranking; pass the prunekit.json of an earlier --method depth run")
+    return ranking
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@register_whole_model(DepthConfig)
+def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[EngineReport, dict]:
+    """Score (or reuse a ranking), select, remove; returns the removals per unit and ``{"ranking": ...}``."""
+    start = time.perf_counter()
+    if is_lazy(model):
+        raise PrunekitError("depth pruning scores the whole network; drop --lazy")
+    if has_removed_sublayers(model):
+        raise PrunekitError("this model already lacks sub-layers; depth-prune the model it was made from")
+    network = Network(model)
+    total = len(network.alive)
+    candidates = _candidates(config, total)
+    costs = {unit: network.params(unit) for unit in candidates}
+    target = config.target_params * parameter_counts(model)["non_embedding"] if config.target_params else None
+    ctx = Context(network, calibration.tokens if calibration is not None else None, engine.batch_size, engine.progress)
+    ranking, chosen = _rank_and_select(config, ctx, candidates, target, costs)
+    if config.needs_calibration:
+        ranking["calibration"] = calibration.describe()
+    network.commit([u for u in chosen if u[0] in network.alive and u not in network.muted])  # greedy: done already
+    network.finish()
+    scores = {(u["block"], u["part"]): u.get("score") for u in ranking["order"]}
+    removed = [{"block": b, "removed": part, "score": scores.get((b, part))} for b, part in chosen]
+    log.info("depth: removed %s", ", ".join(f"{b}.{p}" for b, p in chosen))
+    return EngineReport(blocks=removed, seconds=time.perf_counter() - start), {"ranking": ranking}
+
+
+def _rank_and_select(config: DepthConfig, ctx: Context, candidates, target, costs) -> tuple[dict, list[Unit]]:
+    """The ranking (reused, greedy or one-shot) and the units it removes."""
+    if config.ranking_from is not None:
+        ranking = read_ranking(config.ranking_from)
+        _check_fits(ranking, len(ctx.network.alive), config.ranking_from)
+        return ranking, select(ranking, config.remove, target, costs)
+    if config.iterative:
+        ranking = _greedy(ctx, config, candidates, target, costs)
+        return ranking, [(u["block"], u["part"]) for u in ranking["order"]]
+    ranking = _one_shot(ctx, config, candidates, costs)
+    return ranking, select(ranking, config.remove, target, costs)
+
+
+def _candidates(config: DepthConfig, total: int) -> list[Unit]:
+    """Every removable unit; ``PrunekitError`` when the protected blocks leave too few."""
+    first, last = config.protect_first, config.protect_last
+    blocks = list(range(first, total - last))
+    units = [(b, part) for b in blocks for part in UNITS[config.unit]]
+    if not units:
+        raise PrunekitError(
+            f"--protect-first {first} and --protect-last {last} leave no block of {total} to remove; lower them"
+        )
+    if config.remove is not None:
+        if config.unit == "block" and config.remove >= total:
+            raise PrunekitError(f"cannot remove all {total} blocks (--remove {config.remove}); keep at least one")
+        if config.remove > len(units):
+            raise PrunekitError(
+                f"--remove {config.remove} but only {len(units)} {config.unit} units lie outside the protected "
+                f"blocks (--protect-first {first}, --protect-last {last}, of {total}); remove fewer or protect fewer"
+            )
+    return units
+
+
+def _check_fits(ranking: dict, total: int, path: str) -> None:
+    if ranking["num_blocks"] != total:
+        raise PrunekitError(
+            f"the ranking in {path} is for a model of {ranking['num_blocks']} blocks, this one has {total}; "
+            "pass the ranking of this model or score again"
+        )
+
+
+def _ranking(config: DepthConfig, total: int, order: list[tuple[Unit, float]], started: float, costs) -> dict:
+    return {
+        **{name: getattr(config, name) for name in RANKED_BY},
+        "num_blocks": total,
+        "order": [{"block": b, "part": p, "score": s, "params": costs[(b, p)]} for (b, p), s in order],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _one_shot(ctx: Context, config: DepthConfig, candidates: list[Unit], costs) -> dict:
+    """Every candidate scored once on the dense model; for angular blocks also the best run of each length."""
+    started, total = time.perf_counter(), len(ctx.network.alive)
+    if config.criterion == "angular" and config.unit == "block":
+        blocks = [b for b, _ in candidates]
+        runs, singles = angular_runs(ctx, blocks, min(len(blocks), total - 1))
+        return {**_ranking(config, total, _sorted(singles), started, costs), "runs": runs}
+    scores = CRITERIA[config.criterion](ctx, candidates)
+    return _ranking(config, total, _sorted(scores), started, costs)
+
+
+def _sorted(scores: dict[Unit, float]) -> list[tuple[Unit, float]]:
+    return sorted(scores.items(), key=lambda item: (item[1], item[0]))
+
+
+def _greedy(ctx: Context, config: DepthConfig, candidates: list[Unit], target, costs) -> dict:
+    """Remove the unit whose removal costs least, re-score the rest on the pruned network, repeat."""
+    started, total = time.perf_counter(), len(ctx.network.alive)
+    remaining = list(candidates)
+    limit = config.remove or (len(remaining) if config.unit != "block" else min(len(remaining), total - 1))
+    order: list[tuple[Unit, float]] = []
+    removed = 0
+    while remaining and len(order) < limit:
+        scores = CRITERIA[config.criterion](ctx, remaining)
+        unit = min(remaining, key=lambda u: (scores[u], u))
+        if target is not None and order and not _nearer(removed, costs[unit], target):
+            break
+        ctx.network.commit([unit])
+        order.append((unit, scores[unit]))
+        removed += costs[unit]
+        remaining.remove(unit)
+        log.info("depth: step %d removes %s %s (score %.6g)", len(order), unit[1], unit[0], scores[unit])
+    return _ranking(config, total, order, started, costs)
+
+
+def _nearer(removed: int, cost: int, target: float) -> bool:
+    """Does removing ``cost`` more parameters bring the total removed nearer ``target``?"""
+    return abs(removed + cost - target) < abs(removed - target)
+
+
+def select(ranking: dict, count: int | None, target: float | None, costs: dict[Unit, int]) -> list[Unit]:
+    """The units to remove: the first ``count`` of the ranking, or the prefix whose size is nearest ``target``.
+
+    One-shot angular block rankings hold a best run per length instead, chosen the same way."""
+    if ranking.get("runs"):
+        options = [[(r["start"] + k, "block") for k in range(r["blocks"])] for r in ranking["runs"]]
+        if count is not None:
+            if count > len(options):
+                raise PrunekitError(f"the angular ranking holds runs of at most {len(options)} blocks; remove fewer")
+            return options[count - 1]
+        sizes = [sum(costs[u] for u in run) for run in options]
+        return options[min(range(len(options)), key=lambda i: (abs(sizes[i] - target), i))]
+    order = [(u["block"], u["part"]) for u in ranking["order"]]
+    if ranking["unit"] == "block":
+        order = order[: ranking["num_blocks"] - 1]  # at least one block stays
+    if count is not None:
+        if count > len(order):
+            held = "greedy removals" if ranking["iterative"] else "removable units"
+            raise PrunekitError(
+                f"the ranking holds {len(order)} {held}, fewer than --remove {count}; remove fewer or score again"
+            )
+        return order[:count]
+    chosen, removed = [], 0
+    for unit in order:
+        if chosen and not _nearer(removed, costs[unit], target):
+            break
+        chosen.append(unit)
+        removed += costs[unit]
+    return chosen

@@ -1,0 +1,307 @@
+"""The importance of blocks and sub-layers, measured on calibration data: depth pruning's criteria.
+
+A unit is ``(block, part)``: ``block`` is the block's index in the original model, ``part`` one of
+``block``, ``attention``, ``mlp``. Lower scores are removed first.
+
+- ``ppl`` (Shortened LLaMA): calibration perplexity with the unit left out. The network before a
+  unit is the same with or without it, so one walk over the blocks keeps the current block's input
+  and runs only the rest of the network from there for each unit: about N²/2 block forwards, not N².
+- ``taylor`` (Shortened LLaMA's Taylor+; the "+" is the selection's protected blocks):
+  Σ over the unit's linear weights of |W ⊙ ḡ|, ḡ the loss gradient averaged over the samples.
+- ``magnitude``: Σ|W| over the unit's linear weights; a data-free baseline.
+- ``block-influence`` (ShortGPT): 1 − cos(input, output), averaged over every token.
+- ``angular`` (Gromov et al. 2024): arccos(cos(input, output)) / π at the last token of each sample,
+  averaged; for blocks also between the input of block l and the output of block l + n − 1, which
+  gives the best contiguous run of n blocks (``angular_runs``).
+
+For a sub-layer, input and output are the residual stream before and after it (the state between
+attention and MLP is the block's output with its MLP left out). A sub-layer is left out by zeroing its
+output projection, weight and bias: it then adds exactly zero to the residual stream, which is what
+the removed model computes (Gemma 3's post-norms map zero to zero), and the adapter's view of the
+block stays intact for the gradients. Blocks are left out by not running them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prunekit.depth_surgery import remove_blocks, remove_sublayer, sublayer_params
+from prunekit.methods.taylor import accumulate_gradients
+from prunekit.models import Block, get_adapter, linear_weight
+from prunekit.sequential import EngineConfig, capture
+
+Unit = tuple[int, str]  # (original block index, "block" | "attention" | "mlp")
+
+
+# -- the model being pruned ------------------------------------------------------------------------
+
+
+class Network:
+    """The model being depth-pruned and what has gone so far, in the original block indices.
+
+    Blocks are removed for real as they go (``remove_blocks``); sub-layers are zeroed (see the module
+    docstring) and replaced by stand-ins at the end (``finish``), since the adapter cannot view a
+    block that lacks a part and the Taylor gradients need those views."""
+
+    def __init__(self, model):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.alive = list(range(self.adapter.num_blocks()))
+        self.muted: list[Unit] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.embeddings()[0].weight.device
+
+    def view(self, block: int) -> Block:
+        return self.adapter.block(self.alive.index(block))
+
+    def params(self, unit: Unit) -> int:
+        """Parameters that removing ``unit`` removes."""
+        view = self.view(unit[0])
+        if unit[1] == "block":
+            return sum(p.numel() for p in view.module.parameters())
+        return sublayer_params(view, unit[1])
+
+    @contextlib.contextmanager
+    def without(self, unit: Unit) -> Iterator[None]:
+        """Leave a sub-layer out for the duration (no-op if it is out already)."""
+        if unit in self.muted:
+            yield
+            return
+        saved = _zero_output(self.view(unit[0]), unit[1])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for tensor, value in saved:
+                    tensor.copy_(value)
+
+    def commit(self, units: list[Unit]) -> None:
+        """Remove ``units`` for good: blocks at once, sub-layers zeroed until ``finish``."""
+        blocks = [b for b, part in units if part == "block"]
+        if blocks:
+            remove_blocks(self.model, [self.alive.index(b) for b in blocks])
+            self.alive = [b for b in self.alive if b not in blocks]
+        for unit in units:
+            if unit[1] != "block":
+                _zero_output(self.view(unit[0]), unit[1])
+                self.muted.append(unit)
+
+    def finish(self) -> None:
+        """Replace the zeroed sub-layers by stand-ins (``depth_surgery.remove_sublayer``)."""
+        views = {b: self.view(b) for b, _ in self.muted}  # before any part of a block goes
+        for block, part in self.muted:
+            remove_sublayer(views[block], part)
+        self.muted = []
+
+
+def _zero_output(view: Block, part: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero the sub-layer's output projection (weight and bias); returns what to copy back to undo it."""
+    projection = view.attention.o if part == "attention" else view.mlp.down
+    tensors = [t for t in (projection.weight, getattr(projection, "bias", None)) if t is not None]
+    saved = [(t, t.detach().clone()) for t in tensors]
+    with torch.no_grad():
+        for t in tensors:
+            t.zero_()
+    return saved
+
+
+# -- replaying blocks on calibration inputs --------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every criterion gets: the network, the calibration tokens, how to batch them."""
+
+    network: Network
+    tokens: torch.Tensor | None
+    batch_size: int = 1
+    progress: bool = True
+
+    def replay(self) -> Replay:
+        return Replay(self.network, self.tokens, self.batch_size)
+
+
+class Replay:
+    """The network's blocks run on captured inputs: any run of blocks, from any block's input.
+
+    ``sequential.capture`` records every block's call arguments (masks, position embeddings) without
+    running a block, so each block here gets exactly what the model's own forward would give it."""
+
+    def __init__(self, network: Network, tokens: torch.Tensor, batch_size: int):
+        self.network = network
+        device = network.device
+        engine = EngineConfig(batch_size=batch_size, offload_device=str(device), progress=False)
+        self.inputs, self.calls = capture(network.model, tokens, engine, device)
+        self.labels = [t.to(device) for t in tokens.split(batch_size)]
+
+    @torch.no_grad()
+    def run(self, position: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        block = self.network.adapter.blocks()[position]
+        outputs = []
+        for h, calls in zip(hidden, self.calls, strict=True):
+            args, kwargs = calls[position]
+            out = block(h, *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return outputs
+
+    @torch.no_grad()
+    def nll(self, hidden: list[torch.Tensor], start: int) -> float:
+        """Mean next-token loss of the blocks from ``start`` on, then the head, on ``hidden``."""
+        for position in range(start, len(self.network.alive)):
+            hidden = self.run(position, hidden)
+        total, count = 0.0, 0
+        for h, labels in zip(hidden, self.labels, strict=True):
+            logits = self.network.adapter.logits(h)[:, :-1].float()
+            total += F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum").item()
+            count += labels[:, 1:].numel()
+        return total / count
+
+
+def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
+    grouped: dict[int, list[Unit]] = {}
+    for unit in units:
+        grouped.setdefault(unit[0], []).append(unit)
+    return grouped
+
+
+def _bar(ctx: Context, total: int, what: str):
+    return tqdm(total=total, desc=f"depth {what}", unit="unit", disable=not ctx.progress)
+
+
+# -- criteria --------------------------------------------------------------------------------------
+
+
+def ppl_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
+    """Calibration perplexity of the network without each unit (Shortened LLaMA's PPL; SLEB when greedy)."""
+    replay, network = ctx.replay(), ctx.network
+    grouped = _by_block(units)
+    last = max(network.alive.index(b) for b in grouped)
+    hidden, scores = replay.inputs, {}
+    with _bar(ctx, len(units), "ppl") as bar:
+        for position, block in enumerate(network.alive[: last + 1]):
+            for unit in grouped.get(block, []):
+                if unit[1] == "block":
+                    scores[unit] = math.exp(replay.nll(hidden, position + 1))
+                else:
+                    with network.without(unit):
+                        scores[unit] = math.exp(replay.nll(hidden, position))
+                bar.update()
+            if position < last:
+                hidden = replay.run(position, hidden)
+    return scores
+
+
+def _influence(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """1 − cos between two residual streams, averaged over every token (ShortGPT's Block Influence)."""
+    cos = torch.cat([F.cosine_similarity(x.double(), y.double(), dim=-1).flatten() for x, y in zip(a, b, strict=True)])
+    return float(1 - cos.mean())
+
+
+def _angle(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean angular distance arccos(cos) / π between rows of ``x`` and ``y``."""
+    cos = F.cosine_similarity(x.double(), y.double(), dim=-1).clamp(-1, 1)
+    return float((torch.arccos(cos) / math.pi).mean())
+
+
+def _angular(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Angular distance at the last token of each sample (Gromov et al.: the causal model's summary)."""
+    return _angle(torch.cat([x[:, -1] for x in a]), torch.cat([y[:, -1] for y in b]))
+
+
+def _sweep(ctx: Context, units: list[Unit], measure: Callable, what: str) -> dict[Unit, float]:
+    """``measure(input, output)`` of every unit, from one walk over the blocks."""
+    replay, network = ctx.replay(), ctx.network
+    grouped = _by_block(units)
+    last = max(network.alive.index(b) for b in grouped)
+    hidden, scores = replay.inputs, {}
+    with _bar(ctx, len(units), what) as bar:
+        for position, block in enumerate(network.alive[: last + 1]):
+            output = replay.run(position, hidden)
+            here = grouped.get(block, [])
+            if any(part != "block" for _, part in here):
+                with network.without((block, "mlp")):
+                    middle = replay.run(position, hidden)  # the residual stream between attention and MLP
+                ends = {"attention": (hidden, middle), "mlp": (middle, output)}
+            for unit in here:
+                scores[unit] = measure(*((hidden, output) if unit[1] == "block" else ends[unit[1]]))
+                bar.update()
+            hidden = output
+    return scores
+
+
+def block_influence_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
+    return _sweep(ctx, units, _influence, "block-influence")
+
+
+def angular_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
+    return _sweep(ctx, units, _angular, "angular")
+
+
+def angular_runs(ctx: Context, blocks: list[int], longest: int) -> tuple[list[dict], dict[Unit, float]]:
+    """For each run length n up to ``longest``: the start of the contiguous run of ``blocks`` whose
+    input and output are nearest in angle (Gromov et al.), and that distance; and the distance of
+    each single block. One forward pass."""
+    replay, network = ctx.replay(), ctx.network
+    states = [torch.cat([h[:, -1] for h in replay.inputs])]
+    hidden = replay.inputs
+    for position in tqdm(range(len(network.alive)), desc="depth angular", unit="block", disable=not ctx.progress):
+        hidden = replay.run(position, hidden)
+        states.append(torch.cat([h[:, -1] for h in hidden]))
+    allowed = {network.alive.index(b) for b in blocks}
+    runs = []
+    for n in range(1, longest + 1):
+        starts = [p for p in range(len(network.alive) - n + 1) if all(p + k in allowed for k in range(n))]
+        if not starts:
+            break
+        distance = {p: _angle(states[p], states[p + n]) for p in starts}
+        best = min(starts, key=lambda p: (distance[p], p))
+        runs.append({"blocks": n, "start": network.alive[best], "score": distance[best]})
+    singles = {(network.alive[p], "block"): _angle(states[p], states[p + 1]) for p in sorted(allowed)}
+    return runs, singles
+
+
+def _unit_linears(view: Block, part: str) -> list:
+    if part == "block":
+        return list(view.linears().values())
+    if part == "attention":
+        a = view.attention
+        return [m for m in (a.q, a.k, a.v, a.qkv, a.o) if m is not None]
+    m = view.mlp
+    return [x for x in (m.gate, m.up, m.gate_up, m.down) if x is not None]
+
+
+def taylor_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
+    """Σ |W ⊙ ḡ| over each unit's linear weights (first-order Taylor estimate of the loss change)."""
+    grads = accumulate_gradients(ctx.network.model, ctx.tokens, fisher=False, progress=ctx.progress).grad
+    scores = {}
+    for unit in units:
+        linears = _unit_linears(ctx.network.view(unit[0]), unit[1])
+        scores[unit] = sum(float((linear_weight(m).detach().float() * grads[m]).abs().sum()) for m in linears)
+    return scores
+
+
+def magnitude_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
+    """Σ|W| over each unit's linear weights."""
+    scores = {}
+    for unit in units:
+        linears = _unit_linears(ctx.network.view(unit[0]), unit[1])
+        scores[unit] = sum(float(linear_weight(m).detach().float().abs().sum()) for m in linears)
+    return scores
+
+
+CRITERIA: dict[str, Callable[[Context, list[Unit]], dict[Unit, float]]] = {
+    "ppl": ppl_scores,
+    "taylor": taylor_scores,
+    "magnitude": magnitude_scores,
+    "block-influence": block_influence_scores,
+    "angular": angular_scores,
+}
