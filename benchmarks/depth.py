@@ -26,6 +26,7 @@ import os
 import time
 
 import torch
+from common import measure
 
 from prunekit import load
 from prunekit.data import calibration, load_text
@@ -134,12 +135,7 @@ def run_one(args, name, target, calib, tokenizer, text) -> dict:
         "criterion_forwards": ranking["seconds"] / forward,
         "prune_seconds": result.seconds,
     }
-    if args.speed:
-        row["speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-    else:
-        windows = args.max_windows or None
-        row["ppl"] = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl
-    return row
+    return {**row, **measure(model, tokenizer, text, args)}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Reference width pruning: Torch-Pruning's LLM example on SmolLM2-135M, 20% of non-embedding parameters, no recovery.
 
     .venv/bin/pip install torch-pruning   # benchmark-only dependency, not in pyproject
-    .venv/bin/python benchmarks/torch_pruning_reference.py --json benchmarks/results/torch-pruning-reference.json
+    .venv/bin/python benchmarks/torch_pruning_reference.py --both-sides \
+        --json benchmarks/results/torch-pruning-reference.json
     # full WikiText-2 test split (about 15 minutes per model on 2 cores): add --max-windows 0
 
 What is reproduced, and from where: ``examples/LLMs/prune_llm.py`` of VainF/Torch-Pruning (the version that
@@ -38,10 +39,12 @@ Deviations, each needed to run the example under transformers 5.x, none changing
 
 1. Tracing only: ``config.use_cache = False`` and ``transformers.integrations.sdpa_attention.use_gqa_in_sdpa``
    patched to return False. Transformers 5 concatenates every new key/value onto an empty cache tensor and
-   passes grouped keys to SDPA (``enable_gqa``) instead of ``repeat_kv``; with either, Torch-Pruning's
-   dependency search does not finish (the grouping of k_proj runs for >20 minutes inside
-   ``Group.has_pruning_op`` on a single decoder layer). With both, the traced graph is the one transformers
-   4.48 (the version in the example's logs) produced: no cache concat, keys/values expanded by ``repeat_kv``.
+   passes grouped keys to SDPA (``enable_gqa``) instead of ``repeat_kv``. Unpatched, Torch-Pruning's group
+   search does not finish: ``BasePruner.__init__`` spent >18 CPU-minutes in ``Group.has_pruning_op`` on the
+   full model, and the k_proj group alone >10 CPU-minutes on a one-layer truncation (both stopped by hand;
+   the two changes were applied together, not tested one by one). Patched, the traced graph is the one
+   transformers 4.48 (the version in the example's logs) produced: no cache concat, keys/values expanded by
+   ``repeat_kv``; ``BasePruner`` is then built in ~7 s.
    Evaluation afterwards uses the model's normal attention (SDPA, KV cache on).
 2. Tied embeddings: ``embed_tokens`` and ``lm_head`` share one weight in SmolLM2; Torch-Pruning slices each
    module's parameter separately, which leaves two equal copies. The script checks they are equal and

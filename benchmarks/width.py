@@ -20,6 +20,7 @@ import logging
 import time
 
 import torch
+from common import measure
 
 from prunekit import load
 from prunekit.data import calibration, load_text
@@ -100,12 +101,7 @@ def run_one(args, name, round_to, calib, tokenizer, text) -> dict:
         "calibration": result.calibration,
         "blocks": [[b["intermediate_size"], b["num_heads"], b["num_kv_heads"]] for b in result.engine.blocks],
     }
-    if args.speed:
-        row["speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-    else:
-        windows = args.max_windows or None
-        row["ppl"] = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl
-    return row
+    return {**row, **measure(model, tokenizer, text, args)}
 
 
 if __name__ == "__main__":

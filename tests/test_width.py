@@ -1,5 +1,8 @@
 """Width pruning: allocation by hand, importance by hand, real shrinkage, loadable outputs, resume."""
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -183,27 +186,31 @@ def test_bad_width_configs():
         prune(tiny_model("llama"), WidthConfig(0.2, importance="wanda-sp"))
 
 
-def test_width_resumes_from_a_checkpoint(tmp_path):
-    reference = tiny_model("qwen3")
-    config = WidthConfig(0.25, importance="wanda-sp")
-    prune(reference, config, calib(), EngineConfig(progress=False))
-
+@contextlib.contextmanager
+def crash_on_block_1():
+    """Make the width method raise KeyboardInterrupt when it reaches block 1 (an interrupted run)."""
     original = METHODS[WidthConfig]
 
-    def crash_on_block_1(cfg, step):
+    def crash(cfg, step):
         if step.index == 1:
             raise KeyboardInterrupt
         return original.block(cfg, step)
 
-    import dataclasses
-
-    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
-    METHODS[WidthConfig] = dataclasses.replace(original, block=crash_on_block_1)
+    METHODS[WidthConfig] = dataclasses.replace(original, block=crash)
     try:
         with pytest.raises(KeyboardInterrupt):
-            prune(tiny_model("qwen3"), config, calib(), engine)
+            yield
     finally:
         METHODS[WidthConfig] = original
+
+
+def test_width_resumes_from_a_checkpoint(tmp_path):
+    reference = tiny_model("qwen3")
+    config = WidthConfig(0.25, importance="wanda-sp")
+    prune(reference, config, calib(), EngineConfig(progress=False))
+    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    with crash_on_block_1():
+        prune(tiny_model("qwen3"), config, calib(), engine)
     resumed = tiny_model("qwen3")
     result = prune(resumed, config, calib(), engine)
     assert result.engine.resumed_from == 1
@@ -302,8 +309,6 @@ def test_bias_compensation_on_families_with_biases(family, tmp_path):
 
 
 def test_lazy_width_run_resumes_from_a_checkpoint(tmp_path):
-    import dataclasses
-
     from prunekit import load, save_pruned
     from tiny_models import save_tiny
 
@@ -312,20 +317,9 @@ def test_lazy_width_run_resumes_from_a_checkpoint(tmp_path):
     eager, tokenizer = load(tmp_path / "src")
     prune(eager, config, calib(), EngineConfig(progress=False))
 
-    original = METHODS[WidthConfig]
-
-    def crash_on_block_1(cfg, step):
-        if step.index == 1:
-            raise KeyboardInterrupt
-        return original.block(cfg, step)
-
     engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
-    METHODS[WidthConfig] = dataclasses.replace(original, block=crash_on_block_1)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            prune(load(tmp_path / "src", lazy=True)[0], config, calib(), engine)
-    finally:
-        METHODS[WidthConfig] = original
+    with crash_on_block_1():
+        prune(load(tmp_path / "src", lazy=True)[0], config, calib(), engine)
     lazy, _ = load(tmp_path / "src", lazy=True)
     assert prune(lazy, config, calib(), engine).engine.resumed_from == 1  # block 0 reshaped on meta, then read
     save_pruned(lazy, tokenizer, tmp_path / "out", {})

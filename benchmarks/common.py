@@ -1,0 +1,14 @@
+"""What the width and depth benchmarks measure on a pruned model: perplexity, or speed with --speed."""
+
+from __future__ import annotations
+
+from prunekit.evaluate import measure_speed, perplexity
+
+
+def measure(model, tokenizer, text, args) -> dict:
+    """``{"speed": ...}`` with ``args.speed`` (median of ``args.repeats``), else WikiText-2 ``{"ppl": ...}`` at
+    seqlen 512 over ``args.max_windows`` windows (0: the full split)."""
+    if args.speed:
+        return {"speed": measure_speed(model, repeats=args.repeats).to_dict()}
+    windows = args.max_windows or None
+    return {"ppl": perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl}
