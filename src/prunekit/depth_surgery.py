@@ -140,7 +140,10 @@ def _renamer(blocks_path: str, keep: list[int]):
 
 
 def _disagreements(model: nn.Module, config, rename=None) -> set[str]:
-    """Parameters whose shape differs between ``model`` (names through ``rename``) and a model built from ``config``."""
+    """Parameters whose shape differs between ``model`` (names through ``rename``) and a model built from ``config``.
+
+    Parameters only, unlike ``surgery._shape_mismatches``: buffers may rightly change with the blocks (Gemma 3's
+    rotary tables exist per attention type, and removing every sliding block drops one)."""
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if rename is not None:
         ours = {rename(n): s for n, s in ours.items() if rename(n)}

@@ -434,7 +434,7 @@ def width_block(plan: WidthPlan, step) -> dict:
     return _report(block, compensated)
 
 
-def width_finish(model) -> dict:
+def width_finish(plan: WidthPlan, model) -> dict:
     """Write the new widths into the config when one config describes every block (a standard folder).
 
     Otherwise (blocks of different widths; OPT / GPT-2 with heads removed; added biases the family's
@@ -463,6 +463,4 @@ def width_restore(plan: WidthPlan, block, report: dict) -> None:
         add_output_bias(linears[name], torch.zeros(linear_weight(linears[name]).shape[0]))
 
 
-register(WidthConfig, prepare=width_prepare, finish=lambda plan, model: width_finish(model), restore=width_restore)(
-    width_block
-)  # after width_restore, which the registration names
+register(WidthConfig, prepare=width_prepare, finish=width_finish, restore=width_restore)(width_block)
