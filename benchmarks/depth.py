@@ -30,6 +30,7 @@ from common import measure
 
 from prunekit import load
 from prunekit.data import calibration, load_text
+from prunekit.depth_surgery import remove_blocks, remove_sublayer
 from prunekit.evaluate import measure_speed, perplexity
 from prunekit.methods import DepthConfig, prune
 from prunekit.models import get_adapter, parameter_counts
@@ -66,6 +67,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     parser.add_argument("--update", action="store_true", help="add the runs to those already in --json")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline (measured by another run)")
+    parser.add_argument(
+        "--removal-from",
+        default=None,
+        help="a results JSON of an earlier run: remove what its run of the same name removed instead of scoring "
+        "again (the same calibration picks the same units), e.g. to evaluate the 64-window models on the full split",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,17 +93,27 @@ def main():
     if args.update and args.json and os.path.exists(args.json):
         with open(args.json) as fh:
             results["runs"] = json.load(fh)["runs"]
+    if args.removal_from:
+        with open(args.removal_from) as fh:
+            args.removals = {name: run["removed"] for name, run in json.load(fh)["runs"].items()}
+        results["removal_from"] = args.removal_from
     if args.speed:
         results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
         print(f"dense: {results['dense_speed']}", flush=True)
-    else:
+    elif not args.no_dense:
         windows = args.max_windows or None
         dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
         results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model), "eval_seconds": dense.seconds}
         print(f"dense ppl {dense.ppl:.3f} params {parameter_counts(model)}", flush=True)
     del model
     for name in args.runs:
-        results["runs"][name] = run_one(args, name, target, calib, tokenizer, text)
+        same = _same_removal(args, name, results["runs"])
+        if same is not None:  # the same model was measured already: a second evaluation would only cost time
+            results["runs"][name] = {**results["runs"][same], "same_model_as": same}
+        elif args.removal_from:
+            results["runs"][name] = run_recorded(args, name, tokenizer, text)
+        else:
+            results["runs"][name] = run_one(args, name, target, calib, tokenizer, text)
         print(f"{name:36s} {results['runs'][name]}", flush=True)
         save(args.json, results)  # after every run: a benchmark killed half-way keeps what it measured
     if args.speed:
@@ -135,6 +153,30 @@ def run_one(args, name, target, calib, tokenizer, text) -> dict:
         "criterion_forwards": ranking["seconds"] / forward,
         "prune_seconds": result.seconds,
     }
+    return {**row, **measure(model, tokenizer, text, args)}
+
+
+def _same_removal(args, name, runs: dict) -> str | None:
+    removed = sorted(args.removals[name]) if args.removal_from else None
+    for other, run in runs.items():
+        if removed is not None and sorted(run.get("removed", [])) == removed and "ppl" in run:
+            return other
+    return None
+
+
+def run_recorded(args, name, tokenizer, text) -> dict:
+    """The model the recorded run produced: its blocks and sub-layers removed, nothing scored."""
+    removed = [entry.split() for entry in args.removals[name]]
+    model, _ = load(args.model)
+    adapter = get_adapter(model)
+    views = {int(index): adapter.block(int(index)) for part, index in removed if part != "block"}
+    for part, index in removed:
+        if part != "block":
+            remove_sublayer(views[int(index)], part)
+    blocks = [int(index) for part, index in removed if part == "block"]
+    if blocks:
+        remove_blocks(model, blocks)
+    row = {"params": parameter_counts(model), "removed": args.removals[name]}
     return {**row, **measure(model, tokenizer, text, args)}
 
 

@@ -96,7 +96,7 @@ def eval_ppl(
 @friendly
 def prune(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
-    method: str = typer.Option(..., help="Pruning method: magnitude, wanda, sparsegpt, width or depth."),
+    method: str = typer.Option(..., help="Pruning method: magnitude, wanda, sparsegpt, width, depth or slicegpt."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     sparsity: Optional[float] = typer.Option(
         None, help="Fraction of weights to remove from each linear layer (magnitude, wanda, sparsegpt; default 0.5)."
@@ -120,7 +120,15 @@ def prune(
         None, help="width: a published setting, 'llm-pruner' or 'flap' (options given explicitly win)."
     ),
     gqa: Optional[str] = typer.Option(None, help="width: 'kv-groups' (remove whole KV groups) or 'query-even'."),
-    round_to: Optional[int] = typer.Option(None, help="width: round the MLP width down to a multiple (8)."),
+    round_to: Optional[int] = typer.Option(
+        None, help="width: round the MLP width down to a multiple (8); slicegpt: round the hidden size (8)."
+    ),
+    slice_fraction: Optional[float] = typer.Option(
+        None, "--slice", help="slicegpt: fraction of the hidden size (embedding dimension) to delete (0.25)."
+    ),
+    orientation: Optional[str] = typer.Option(
+        None, help="slicegpt: 'pca' (default) or 'random' (a random turn of each kept subspace)."
+    ),
     prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--no-prune-heads", help="width: may heads go?"),
     criterion: Optional[str] = typer.Option(
         None, help="depth: ppl (default), taylor (Taylor+), magnitude, block-influence (ShortGPT), angular (Gromov)."
@@ -156,10 +164,10 @@ def prune(
     hessian_dtype: Optional[str] = typer.Option(None, help="sparsegpt: float32 or float64."),
     calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
     nsamples: Optional[int] = typer.Option(
-        None, help="Calibration samples (128; depth: 10; a recipe may set its own)."
+        None, help="Calibration samples (128; depth: 10; slicegpt: 64; a recipe may set its own)."
     ),
     seqlen: Optional[int] = typer.Option(
-        None, help="Calibration sample length in tokens (2048; depth: 128; or the recipe's)."
+        None, help="Calibration sample length in tokens (2048; depth: 128; slicegpt: 512; or the recipe's)."
     ),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after on this data."),
@@ -210,6 +218,8 @@ def prune(
         num_heads=num_heads,
         **options,
         round_to=round_to,
+        slice=slice_fraction,
+        orientation=orientation,
         prune_heads=prune_heads,
         nm=nm,
         order=order,

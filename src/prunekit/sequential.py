@@ -245,14 +245,15 @@ def run_sequential(
 
 @torch.no_grad()
 def _run_block(module, inputs, calls, device, offload) -> list[torch.Tensor]:
-    outputs = []
-    for hidden, (args, kwargs) in zip(inputs, calls, strict=True):
-        memo: dict = {}
-        out = module(hidden.to(device), *to_device(args, device, memo), **to_device(kwargs, device, memo))
-        if isinstance(out, tuple):
-            out = out[0]
-        outputs.append(out.to(offload))
-    return outputs
+    return [call_block(module, hidden, call, device).to(offload) for hidden, call in zip(inputs, calls, strict=True)]
+
+
+def call_block(module, hidden: torch.Tensor, call: tuple, device) -> torch.Tensor:
+    """One block on one batch, with the call arguments ``capture`` recorded for it; its hidden states out."""
+    args, kwargs = call
+    memo: dict = {}
+    out = module(hidden.to(device), *to_device(args, device, memo), **to_device(kwargs, device, memo))
+    return out[0] if isinstance(out, tuple) else out
 
 
 # --- checkpoints ----------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ on Qwen2 or Mistral). Models pruned past what the config says are saved with the
     {"blocks": [{"intermediate_size": 80, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}, ...],
      "extra_parameters": {"model.layers.0.self_attn.o_proj.bias": [64]}}
 
+A model whose residual stream was rotated and sliced (SliceGPT, ``prunekit.invariance``) adds
+``"hidden": {"size": 432, "divisor": 576, "eps": 1e-05, "shortcuts": true}``: its width, its RMSNorms
+(which still divide by the original width) and the shortcut matrix on each residual add. The config
+keeps the original width, so a plain ``from_pretrained`` fails on the size mismatches.
+
 A block whose attention or MLP sub-layer was removed (depth pruning) says so with ``"attention": false``
 or ``"mlp": false``; its widths for the missing part are the config's. Such a folder holds a zero-size
 tensor where the removed output projection's weight was (``prunekit.depth_surgery``), which a plain
@@ -35,6 +40,7 @@ from torch import nn
 
 from prunekit.depth_surgery import PARTS, kept_sublayers, remove_sublayer
 from prunekit.errors import PrunekitError
+from prunekit.invariance import apply_hidden, describe_hidden
 from prunekit.io import MANIFEST
 from prunekit.lazy import WeightSource, empty_model, load_parameters, release, set_parameter
 from prunekit.models import Block, get_adapter, is_linear, linear_weight, tied_parameter_names
@@ -69,10 +75,16 @@ def describe_shapes(model: nn.Module) -> dict | None:
         return None
     adapter = get_adapter(model)
     rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
+    hidden = describe_hidden(model)
+    if hidden is not None:  # the stream's own structure first: norms, shortcuts and width (SliceGPT)
+        apply_hidden(rebuilt, hidden)
+        dense = _shapes(rebuilt)
     shapes = {
         "blocks": [_describe_block(adapter, i, get_adapter(rebuilt).block(i)) for i in range(adapter.num_blocks())],
         "extra_parameters": {name: list(shape) for name, shape in ours.items() if name not in dense},
+        **({"hidden": hidden} if hidden is not None else {}),
     }
+    rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
     apply_shapes(rebuilt, shapes)
     theirs = _shapes(rebuilt)
     differ = [n for n in {**ours, **theirs} if ours.get(n) != theirs.get(n)]
@@ -119,6 +131,8 @@ def apply_shapes(model: nn.Module, shapes: dict) -> None:
         raise PrunekitError(
             f"the shape manifest describes {count} blocks but the config builds {adapter.num_blocks()}; {RESAVE}"
         )
+    if shapes.get("hidden") is not None:
+        apply_hidden(model, shapes["hidden"])
     for i, entry in enumerate(blocks):
         block = adapter.block(i)
         with editable_on_meta(block.module):

@@ -138,11 +138,14 @@ def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig
 
 from prunekit.methods.depth import DepthConfig  # noqa: E402  (each registers itself)
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
+from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.wanda import WandaConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 
-CONFIGS = {cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig)}
+CONFIGS = {
+    cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig, SliceGPTConfig)
+}
 
 __all__ = [
     "CONFIGS",
@@ -150,6 +153,7 @@ __all__ = [
     "DepthConfig",
     "MagnitudeConfig",
     "PruneResult",
+    "SliceGPTConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "WidthConfig",

@@ -134,6 +134,10 @@ class ModelAdapter:
         module = self.blocks()[index]
         return Block(module, index, _heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
 
+    def rotation_problem(self) -> str | None:
+        """Why rotating the residual stream (SliceGPT) would change this model's function; ``None`` if it would not."""
+        return "computational invariance has not been worked out for this family"
+
     # -- per-family parts ---------------------------------------------------------------------
     def attention(self, block: nn.Module) -> Attention:
         raise NotImplementedError

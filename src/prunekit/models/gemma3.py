@@ -21,6 +21,12 @@ class Gemma3Adapter(LlamaAdapter):
         )
         return {name.removesuffix("_layernorm"): getattr(block, name) for name in names}
 
+    def rotation_problem(self):
+        return (
+            "Gemma 3 normalises each sub-layer's output before the residual add (post_attention_layernorm, "
+            "post_feedforward_layernorm), so no linear sits between that norm and the stream to absorb a rotation"
+        )
+
     def logits(self, hidden):
         logits = super().logits(hidden)
         cap = getattr(self.config, "final_logit_softcapping", None)

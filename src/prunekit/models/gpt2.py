@@ -11,6 +11,9 @@ class Gpt2Adapter(ModelAdapter):
     final_norm_path = "transformer.ln_f"
     embedding_paths = ("transformer.wte", "transformer.wpe")
 
+    def rotation_problem(self):
+        return None  # pre-norm LayerNorm blocks: centred and converted to RMSNorm first
+
     def attention(self, block):
         heads, kv, head_dim = self._heads()
         return Attention(

@@ -11,6 +11,9 @@ class LlamaAdapter(ModelAdapter):
     final_norm_path = "model.norm"
     embedding_paths = ("model.embed_tokens",)
 
+    def rotation_problem(self):
+        return None  # pre-norm RMSNorm blocks; Qwen3's q/k norms act inside a head, away from the stream
+
     def attention(self, block):
         attn = block.self_attn
         heads, kv, head_dim = self._heads()

@@ -11,6 +11,13 @@ class OptAdapter(ModelAdapter):
     final_norm_path = "model.decoder.final_layer_norm"
     embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
 
+    def rotation_problem(self):
+        if not getattr(self.config, "do_layer_norm_before", True):
+            return "its blocks normalise after the residual add (do_layer_norm_before=False, as OPT-350m)"
+        if self.model.get_submodule("model.decoder").project_in is not None:
+            return "its embeddings are projected into the stream (word_embed_proj_dim != hidden_size, as OPT-350m)"
+        return None  # pre-norm LayerNorm blocks: centred and converted to RMSNorm first
+
     def attention(self, block):
         attn = block.self_attn
         heads, kv, head_dim = self._heads()

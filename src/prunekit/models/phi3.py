@@ -11,6 +11,9 @@ class Phi3Adapter(ModelAdapter):
     final_norm_path = "model.norm"
     embedding_paths = ("model.embed_tokens",)
 
+    def rotation_problem(self):
+        return None  # pre-norm RMSNorm blocks; the fused qkv and gate_up read the stream like any linear
+
     def attention(self, block):
         heads, kv, head_dim = self._heads()
         attn = block.self_attn

@@ -1,0 +1,238 @@
+"""SliceGPT (Ashkboos et al. 2024): rotate the residual stream onto its principal components, delete the rest.
+
+The model is first made invariant (``prunekit.invariance``: untied head, norms folded into their
+readers, LayerNorm turned into RMSNorm). Then, sequentially over the calibration set:
+
+- the embeddings' output gives the first basis (PCA of the signal entering block 0);
+- for each block, the stream entering it lives in the previous basis, already sliced. The block runs
+  unrotated in the original coordinates on that sliced signal, written back as ``x Q̄ Q̄ᵀ`` (exactly
+  what the sliced block will compute). The signal entering its MLP (the attention's output added
+  to the residual) gives the block's middle basis; the MLP then runs on that signal sliced in the
+  middle basis, and the block's output gives the next basis. Each PCA therefore sees what the
+  already-sliced blocks before it produce, as in SliceGPT's ``rotate_and_slice_sequential``.
+- the block is rotated (readers by the basis they read, writers by the basis they write, two
+  shortcut matrices between them), and finally everything keeps the leading ``size`` coordinates.
+
+PCA: float64 sums of ``xᵀx`` over every calibration token, damped by 1% of the mean diagonal before
+the eigendecomposition (SliceGPT's damping), eigenvectors sorted by eigenvalue, largest first. The
+report gives each basis's kept share of the signal's energy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from prunekit.errors import PrunekitError, StopForward
+from prunekit.invariance import (
+    hidden_width,
+    make_invariant,
+    norm_before,
+    rotate_block,
+    rotate_embedding,
+    rotate_readers,
+    slice_hidden,
+)
+from prunekit.lazy import is_lazy
+from prunekit.methods import register_whole_model
+from prunekit.models import get_adapter
+from prunekit.sequential import EngineReport, call_block, capture
+
+ORIENTATIONS = ("pca", "random")
+
+
+@dataclass
+class SliceGPTConfig:
+    """``slice``: fraction of the hidden size to delete; the kept size is rounded to ``round_to``.
+
+    ``orientation="random"`` turns each kept subspace by a random orthogonal matrix (seeded by
+    ``seed``), SliceGPT's ``--final-orientation random``: the same subspace, its energy spread over
+    every coordinate instead of the first (it helps later quantization, not perplexity)."""
+
+    method: ClassVar[str] = "slicegpt"
+    calibration_defaults: ClassVar[tuple[int, int]] = (64, 512)
+
+    slice: float = 0.25
+    round_to: int = 8
+    orientation: str = "pca"
+    damp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.slice < 1:
+            raise PrunekitError(f"--slice must be a fraction in (0, 1) of the hidden size to delete, got {self.slice}")
+        if self.round_to < 1:
+            raise PrunekitError(f"--round-to must be a positive integer, got {self.round_to}")
+        if self.orientation not in ORIENTATIONS:
+            raise PrunekitError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
+        if not 0 <= self.damp < 1:
+            raise PrunekitError(f"damp must lie in [0, 1), got {self.damp}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def kept_size(self, width: int) -> int:
+        """The hidden size after slicing: ``(1 - slice) * width`` rounded to a multiple of ``round_to``."""
+        size = int(round((1 - self.slice) * width / self.round_to)) * self.round_to
+        if not 0 < size < width:
+            raise PrunekitError(
+                f"--slice {self.slice} of a hidden size of {width}, rounded to a multiple of {self.round_to}, "
+                f"keeps {size}: choose a slice that keeps between {self.round_to} and {width - self.round_to}"
+            )
+        return size
+
+
+class Covariance:
+    """Float64 sums of ``xᵀx`` over tokens."""
+
+    def __init__(self, width: int, device):
+        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).double()
+        self.sum += flat.T @ flat
+
+
+@dataclass
+class Basis:
+    vectors: torch.Tensor  # [width, width] float64, orthogonal, principal directions first
+    kept_energy: float  # share of the signal's energy in the leading ``size`` directions
+
+
+def principal_basis(cov: torch.Tensor, size: int, damp: float = 0.01) -> Basis:
+    """Eigenvectors of ``cov`` as columns, largest eigenvalue first, after ``damp`` x mean-diagonal damping."""
+    cov = cov.double()
+    damped = cov + damp * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    values, vectors = torch.linalg.eigh(damped)
+    order = torch.argsort(values, descending=True)
+    vectors = vectors[:, order]
+    energy = (vectors.T @ cov @ vectors).diagonal()
+    total = float(energy.sum())
+    return Basis(vectors, float(energy[:size].sum()) / total if total > 0 else 1.0)
+
+
+def project(x: torch.Tensor, basis: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` sliced to the leading ``size`` directions of ``basis``, in the original coordinates."""
+    kept = basis[:, :size].to(x.device)
+    return ((x.double() @ kept) @ kept.T).to(x.dtype)
+
+
+def _oriented(basis: Basis, size: int, config: SliceGPTConfig, generator: torch.Generator) -> Basis:
+    if config.orientation == "pca":
+        return basis
+    turn, _ = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=generator))
+    vectors = basis.vectors.clone()
+    vectors[:, :size] = vectors[:, :size] @ turn.to(vectors.device)
+    return Basis(vectors, basis.kept_energy)
+
+
+@register_whole_model(SliceGPTConfig)
+def slicegpt_prune(config: SliceGPTConfig, model, calibration, engine) -> tuple[EngineReport, dict]:
+    start = time.perf_counter()
+    if is_lazy(model):
+        raise PrunekitError("SliceGPT rotates the embeddings and the head too; load the model without --lazy")
+    width = hidden_width(model)
+    size = config.kept_size(width)
+    report = rotate_and_slice(model, calibration.tokens, size, config, engine)
+    report.seconds = time.perf_counter() - start
+    return report, {"hidden_size": {"before": width, "after": size}}
+
+
+@torch.no_grad()
+def rotate_and_slice(model, tokens: torch.Tensor, size: int, config: SliceGPTConfig, engine) -> EngineReport:
+    """Make ``model`` invariant, rotate it block by block, slice its stream to ``size`` (``size`` = the
+    width rotates without slicing: the function is unchanged, which is what the tests check)."""
+    from prunekit.depth_surgery import has_removed_sublayers
+
+    if has_removed_sublayers(model):
+        raise PrunekitError("SliceGPT needs both sub-layers of every block; slice the model before depth pruning")
+    make_invariant(model)
+    adapter = get_adapter(model)
+    device = torch.device(engine.device) if engine.device else adapter.embeddings()[0].weight.device
+    generator = torch.Generator().manual_seed(config.seed)
+    inputs, calls = capture(model, tokens, engine, device)
+
+    def basis_of(signals: list[torch.Tensor]) -> Basis:
+        cov = Covariance(width, device)
+        for x in signals:
+            cov.add(x.to(device))
+        return _oriented(principal_basis(cov.sum, size, config.damp), size, config, generator)
+
+    width = hidden_width(model)
+    entering = basis_of(inputs)
+    for embedding in adapter.embeddings():
+        rotate_embedding(embedding, entering.vectors.to(embedding.weight.device))
+    inputs = [project(x, entering.vectors, size) for x in inputs]
+    blocks = []
+    for i in _progress(adapter.num_blocks(), engine.progress):
+        block = adapter.block(i)
+        home = next(block.module.parameters()).device
+        block.module.to(device)
+        batch_calls = [c[i] for c in calls]
+        middle = basis_of(_mlp_inputs(block, inputs, batch_calls, device))
+        outputs = _outputs_with_sliced_middle(block, inputs, batch_calls, device, middle.vectors, size)
+        leaving = basis_of(outputs)
+        rotate_block(block, *(b.vectors.to(device) for b in (entering, middle, leaving)))
+        block.module.to(home)
+        blocks.append({"block": i, "kept_energy": {"attention": entering.kept_energy, "mlp": middle.kept_energy}})
+        inputs = [project(x, leaving.vectors, size).to(engine.offload_device) for x in outputs]
+        entering = leaving
+    head = adapter.lm_head()
+    rotate_readers([head], entering.vectors.to(head.weight.device))
+    blocks.append({"block": "head", "kept_energy": {"head": entering.kept_energy}})
+    if size < width:
+        slice_hidden(model, size)
+    return EngineReport(blocks=blocks)
+
+
+def _progress(count: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(count), desc="slicegpt blocks", unit="block", disable=not show)
+
+
+def _mlp_inputs(block, inputs, calls, device) -> list[torch.Tensor]:
+    """The stream entering the MLP's norm (residual plus attention output), the MLP itself not run."""
+    seen: list[torch.Tensor] = []
+
+    def grab(module, args):
+        seen.append(args[0])
+        raise StopForward
+
+    handle = norm_before(block, "mlp").register_forward_pre_hook(grab)
+    try:
+        for hidden, call in zip(inputs, calls, strict=True):
+            with contextlib.suppress(StopForward):
+                call_block(block.module, hidden, call, device)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _outputs_with_sliced_middle(block, inputs, calls, device, middle: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The block's outputs when its MLP reads (and its residual carries) the middle stream sliced to ``size``.
+
+    The hook slices what the MLP's norm reads; the layer still adds the MLP's output to the unsliced
+    middle stream, so that difference is swapped afterwards."""
+    middles: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def slice_middle(module, args):
+        sliced = project(args[0], middle, size)
+        middles.append((args[0], sliced))
+        return (sliced, *args[1:])
+
+    handle = norm_before(block, "mlp").register_forward_pre_hook(slice_middle)
+    outputs = []
+    try:
+        for hidden, call in zip(inputs, calls, strict=True):
+            out = call_block(block.module, hidden, call, device)
+            full, sliced = middles.pop()
+            outputs.append(out - full + sliced)
+    finally:
+        handle.remove()
+    return outputs
