@@ -56,3 +56,31 @@ def test_wikitext_perplexity_first_windows(smollm):
     result = perplexity(model, tokenizer, load_text("wikitext2"), seqlen=512, max_windows=4, progress=False)
     assert result.windows == 4 and result.tokens == 4 * 511
     assert 10 < result.ppl < 60  # 29.6 over the first 64 windows (BENCHMARKS.md)
+
+
+def test_slicegpt_rotation_alone_keeps_the_real_model_and_slicing_reloads(tmp_path):
+    """Rotation without slicing is exact on the real model (its massive activations included); a 25%
+    slice saves and reloads to the same logits."""
+    from prunekit import save_pruned
+    from prunekit.data import Calibration
+    from prunekit.methods import SliceGPTConfig, prune
+    from prunekit.methods.slicegpt import rotate_and_slice
+    from prunekit.sequential import EngineConfig
+
+    model, tokenizer = load("smollm2-135m")
+    ids = tokenizer(["Pruning makes models smaller and faster."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    calib = Calibration(torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0)), "random", "", 0)
+    engine = EngineConfig(progress=False, batch_size=4)
+    rotate_and_slice(model, calib.tokens, 576, SliceGPTConfig(), engine)
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - expected).abs().max().item() < 1e-3
+
+    model, tokenizer = load("smollm2-135m")
+    prune(model, SliceGPTConfig(slice=0.25), calib, engine)
+    out = save_pruned(model, tokenizer, tmp_path / "sliced", {"method": "slicegpt"})
+    loaded, _ = load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert loaded.model.embed_tokens.weight.shape == (49152, 432)
