@@ -196,3 +196,27 @@ def test_cli_slices_and_the_result_evaluates(tmp_path):
     assert "--slice does not apply to --method wanda" in error_line(
         run("prune", "--model", str(folder), "--method", "wanda", "--slice", "0.2", "--out", str(tmp_path / "y"))
     )
+
+
+def test_lora_on_a_sliced_model_keeps_the_shortcuts_and_merges_to_the_same_logits(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    prune(model, SliceGPTConfig(slice=0.25), calibration(), ENGINE)
+    loaded, _ = load(save_pruned(model, tiny_tokenizer(), tmp_path / "sliced", {"method": "slicegpt"}))
+    expected = logits(loaded)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = get_peft_model(loaded, LoraConfig(target_modules=targets, r=4))
+    assert lora.base_model.model.model.layers[0].self_attn.o_proj.lora_B["default"].out_features == 48
+    assert torch.allclose(logits(lora), expected, atol=1e-6)  # B starts at zero: still the sliced model
+    lora.train()
+    lora(tokens(2, 16), labels=tokens(2, 16)).loss.backward()
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    lora.eval()
+    adapted = logits(lora)
+    assert (adapted - expected).abs().max() > 1e-3
+    merged = lora.merge_and_unload()
+    assert torch.allclose(logits(merged), adapted, atol=1e-5)
