@@ -71,7 +71,8 @@ def save(path, results) -> None:
 
 def run_one(args, fraction, calib, tokenizer, text) -> dict:
     model, _ = load(args.model)
-    result = prune(model, SliceGPTConfig(slice=fraction), calib, EngineConfig(progress=False, batch_size=args.batch_size))
+    engine = EngineConfig(progress=False, batch_size=args.batch_size)
+    result = prune(model, SliceGPTConfig(slice=fraction), calib, engine)
     adapter = get_adapter(model)
     energies = [share for b in result.engine.blocks for share in b["kept_energy"].values()]
     row = {

@@ -6,9 +6,9 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.methods.magnitude import global_counts, std_threshold_mask
-from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain, sparse_masks
+from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain
 from prunekit.models import get_adapter, linear_weight
-from prunekit.recover import FinetuneConfig, finetune, mask_optimizer_state
+from prunekit.recover import FinetuneConfig, finetune, mask_optimizer_state, sparse_masks
 from prunekit.sequential import EngineConfig
 from tiny_models import tiny_model, tokens
 

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from prunekit.errors import PrunekitError
+from prunekit.recover.train import LLM_PRUNER_TARGETS
 
 app = typer.Typer(
     add_completion=False,
@@ -448,6 +449,162 @@ def prune_retrain_command(
     )
     save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite)
     typer.echo(f"saved {out}")
+
+
+@app.command()
+@friendly
+def recover(
+    model: str = typer.Option(..., help="The pruned model: a prunekit output folder (or any model)."),
+    out: Path = typer.Option(..., help="Output folder (written atomically)."),
+    mode: str = typer.Option("lora", help="lora, cpt (continued pretraining), cpt+lora, or distill."),
+    data: str = typer.Option("c4", help="Training text (c4, wikitext2, kjv, a .txt/.jsonl file) or Alpaca .json."),
+    seqlen: int = typer.Option(512, help="Training sequence length (text is packed into windows of it)."),
+    steps: int = typer.Option(100, help="Optimizer steps (all phases)."),
+    batch_size: int = typer.Option(8, help="Examples per optimizer step, over all processes."),
+    micro_batch: Optional[int] = typer.Option(None, help="Examples per forward pass (gradient accumulation)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (LoRA 1e-4, full training 2e-5)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay (10%)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in the backward pass."),
+    lora_r: int = typer.Option(8, help="LoRA rank (LLM-Pruner: 8)."),
+    lora_alpha: int = typer.Option(16, help="LoRA alpha (LLM-Pruner: 16)."),
+    lora_dropout: float = typer.Option(0.05, help="LoRA dropout (LLM-Pruner: 0.05)."),
+    lora_targets: str = typer.Option(
+        ",".join(LLM_PRUNER_TARGETS), help="Module names to adapt, comma-separated, or one regular expression."
+    ),
+    cpt_steps: Optional[int] = typer.Option(None, help="cpt+lora: CPT steps before the LoRA steps (half)."),
+    teacher: Optional[str] = typer.Option(None, help="distill: the dense teacher model."),
+    teacher_topk: Optional[int] = typer.Option(
+        None, help="distill: precompute the teacher's top-k logits once, stream them from disk."
+    ),
+    temperature: float = typer.Option(2.0, help="distill: softmax temperature."),
+    distill_weight: float = typer.Option(1.0, help="distill: weight of the KL term (the rest: the LM loss)."),
+    keep_sparsity: Optional[bool] = typer.Option(
+        None,
+        "--keep-sparsity/--no-keep-sparsity",
+        help="Hold pruned weights at zero (default: yes for magnitude, wanda and sparsegpt outputs).",
+    ),
+    checkpoint_every: int = typer.Option(50, help="Checkpoint every N steps (0: never); a rerun resumes."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, help="Where checkpoints go (default: beside --out)."),
+    seed: int = typer.Option(0, help="Data order and initialisation seed."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after."),
+    eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
+    max_windows: Optional[int] = typer.Option(None, help="Perplexity on the first N windows only."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report to this JSON file."),
+):
+    """Recover a pruned model's quality by LoRA, continued pretraining or distillation; runs under
+    `accelerate launch` (DDP, FSDP) unchanged."""
+    from prunekit.io import check_output
+    from prunekit.recover import LoraSettings, RecoverConfig
+    from prunekit.recover.train import make_accelerator
+
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    config = RecoverConfig(
+        mode=mode,
+        steps=steps,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        lora=LoraSettings(lora_r, lora_alpha, lora_dropout, targets),
+        cpt_steps=cpt_steps,
+        temperature=temperature,
+        distill_weight=distill_weight,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
+    if mode == "distill" and teacher is None:
+        raise PrunekitError("--mode distill needs a teacher: pass --teacher DENSE_MODEL")
+    state = make_accelerator(config)  # first: every process must know which one it is
+    if state.is_main_process:
+        check_output(out, overwrite)
+    checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.recover-checkpoint"
+    report = run_recover_job(
+        model, out, config, data, seqlen, keep_sparsity, teacher, teacher_topk, checkpoint_dir, state,
+        (eval_data, eval_seqlen, max_windows), overwrite,
+    )  # fmt: skip
+    if state.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        rec = report["recovery"]
+        typer.echo(f"recovered {model} by {mode} in {rec['seconds']:.1f} s: loss {rec['losses'][0]:.3f} -> "
+                   f"{rec['losses'][-1]:.3f}" + (f", perplexity {rec['ppl_before']['ppl']:.2f} -> "
+                   f"{rec['ppl_after']['ppl']:.2f}" if "ppl_after" in rec else ""))  # fmt: skip
+        typer.echo(f"saved {out} (loss curve: {out / 'loss.png'})")
+        _write_json(json_out, report)
+
+
+def run_recover_job(
+    model_name, out, config, data_source, seqlen, keep_sparsity, teacher_name, topk, checkpoint_dir, state, evaluation,
+    overwrite,
+) -> dict:  # fmt: skip
+    """Load, train (every process), evaluate and save (the main process); the report as ``prunekit.json`` has it."""
+    from prunekit.evaluate import perplexity
+    from prunekit.io import build_manifest, save_pruned
+    from prunekit.loading import load, resolve_folder
+    from prunekit.plots import loss_curve_png
+    from prunekit.recover import TeacherTopK, load_train_data, precompute_teacher_topk
+    from prunekit.recover import recover as train
+
+    lm, tokenizer = load(model_name)
+    folder = resolve_folder(model_name)
+    previous = _read_manifest(folder)
+    if keep_sparsity is None:  # unstructured outputs keep their zeros unless told otherwise
+        keep_sparsity = previous.get("method") in ("magnitude", "wanda", "sparsegpt", "magnitude-prune-retrain")
+    config = dataclasses.replace(config, keep_sparsity=keep_sparsity)
+    train_data = load_train_data(tokenizer, data_source, seqlen)
+    teacher = load(teacher_name)[0] if teacher_name else None
+    store = None
+    if teacher is not None and topk:
+        path = Path(checkpoint_dir) / f"teacher-top{topk}.safetensors"
+        if state.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                precompute_teacher_topk(teacher, train_data, topk, path)
+        state.wait_for_everyone()
+        store, teacher = TeacherTopK(path, train_data), None
+    text_name, eval_seqlen, max_windows = evaluation
+    text = None
+    if text_name and state.is_main_process:
+        from prunekit.data import load_text
+
+        text = load_text(text_name)
+    before = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict() if text else None
+    lm, result = train(lm, train_data, config, teacher, store, checkpoint_dir, accelerator=state)
+    recovery = {
+        "config": dataclasses.asdict(config),
+        "data": train_data.describe(),
+        "teacher": teacher_name,
+        "processes": state.num_processes,
+        **{k: v for k, v in dataclasses.asdict(result).items()},
+    }
+    if not state.is_main_process:
+        return {"recovery": recovery}
+    if text is not None:
+        recovery["ppl_before"] = before
+        recovery["ppl_after"] = perplexity(lm, tokenizer, text, eval_seqlen, max_windows).to_dict()
+    manifest = previous or build_manifest(
+        source=model_name, source_folder=folder, method=None, method_config=None, calibration=None, metrics={}
+    )
+    manifest = {**manifest, "recovery": recovery}
+    title = f"{config.mode} recovery of {Path(str(model_name)).name}"
+    png = loss_curve_png(result.losses, result.phases, title)
+    save_pruned(lm, tokenizer, out, manifest, overwrite=overwrite, extra_files={"loss.png": png})
+    return {"out": str(out), "recovery": recovery}
+
+
+def _read_manifest(folder: Path | None) -> dict:
+    from prunekit.io import MANIFEST
+
+    path = folder / MANIFEST if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise PrunekitError(f"cannot read {path}; fix or remove it") from None
 
 
 @app.command()

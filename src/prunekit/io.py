@@ -57,7 +57,13 @@ def check_format(fmt: str, lazy: bool) -> None:
 
 
 def save_pruned(
-    model, tokenizer, out: str | os.PathLike, manifest: dict, overwrite: bool = False, fmt: str = "dense"
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    manifest: dict,
+    overwrite: bool = False,
+    fmt: str = "dense",
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write ``model``, ``tokenizer`` and ``manifest`` to ``out`` atomically.
 
@@ -67,6 +73,7 @@ def save_pruned(
 
     A model its config cannot describe (blocks of different widths, heads OPT/GPT-2 configs cannot
     express, added biases) gets a shape manifest under ``"shapes"``; ``prunekit.load`` rebuilds it.
+    ``extra_files`` (name -> content, e.g. a loss plot) are written into the folder with the rest.
     """
     check_format(fmt, lazy=is_lazy(model))
     out = check_output(out, overwrite)
@@ -82,6 +89,8 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
         publish_permissions(tmp)
         _replace(tmp, out)
     except BaseException:

@@ -12,9 +12,7 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.methods import prune
 from prunekit.methods.magnitude import MagnitudeConfig
-from prunekit.methods.unstructured import select_linears
-from prunekit.models import get_adapter
-from prunekit.recover.finetune import FinetuneConfig, finetune, make_optimizer
+from prunekit.recover.finetune import FinetuneConfig, finetune, make_optimizer, sparse_masks
 from prunekit.sequential import EngineConfig
 
 log = logging.getLogger(__name__)
@@ -30,16 +28,6 @@ class PruneRetrainConfig:
     def __post_init__(self):
         if not self.schedule or any(not 0 <= s < 1 for s in self.schedule) or sorted(self.schedule) != self.schedule:
             raise PrunekitError(f"--schedule must be rising sparsities in [0, 1), got {self.schedule}")
-
-
-def sparse_masks(model, include=(), exclude=()) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """The keep-mask of every selected linear's weight, keyed by the parameter."""
-    adapter = get_adapter(model)
-    masks = {}
-    for i in range(adapter.num_blocks()):
-        for linear in select_linears(adapter.block(i), include, exclude).values():
-            masks[linear.weight] = linear.weight.detach() != 0
-    return masks
 
 
 def prune_retrain(

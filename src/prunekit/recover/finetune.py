@@ -54,6 +54,19 @@ def mask_optimizer_state(optimizer: torch.optim.Optimizer, masks: dict[nn.Parame
                 value.mul_(mask)
 
 
+def sparse_masks(model: nn.Module, include=(), exclude=()) -> dict[nn.Parameter, torch.Tensor]:
+    """The keep-mask (nonzero entries) of each selected block linear's weight, keyed by the parameter."""
+    from prunekit.methods.unstructured import select_linears
+    from prunekit.models import get_adapter
+
+    adapter = get_adapter(model)
+    masks = {}
+    for i in range(adapter.num_blocks()):
+        for linear in select_linears(adapter.block(i), include, exclude).values():
+            masks[linear.weight] = linear.weight.detach() != 0
+    return masks
+
+
 def finetune(
     model: nn.Module,
     tokens: torch.Tensor,
