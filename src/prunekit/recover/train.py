@@ -1,8 +1,9 @@
 """Recovery training for pruned models: LoRA (PEFT), continued pretraining, CPT then LoRA, distillation.
 
 One loop for every mode, on ``accelerate``: a plain run uses one process; the same code under
-``accelerate launch`` (DDP, or FSDP with a config file) splits each step's examples over the
-processes with no change. What makes runs comparable and resumable:
+``accelerate launch`` (DDP) splits each step's examples over the processes with no change. FSDP is
+refused for now (exporting needs the shards gathered, and sparse masks would meet flattened shards).
+What makes runs comparable and resumable:
 
 - ``batch_size`` is the global batch of one optimizer step. Each process takes its share of the
   step's examples (``recover.data.batch_indices``, a pure function of seed and step) in micro-batches
@@ -128,6 +129,11 @@ def recover(
     if config.mode == "distill" and teacher is None and teacher_topk is None:
         raise PrunekitError("--mode distill needs a teacher: --teacher DENSE_MODEL (or precomputed top-k logits)")
     accelerator = accelerator or make_accelerator(config)
+    if accelerator.distributed_type.value == "FSDP":
+        raise PrunekitError(
+            "recovery under FSDP is not supported yet (gathering the sharded model for export and keeping sparse "
+            "masks on flattened shards are not written); launch with DDP (accelerate launch --multi_gpu)"
+        )
     masks = sparse_masks(model) if config.keep_sparsity else {}
     run = _Run(accelerator, data, config, masks, teacher, teacher_topk, progress, on_step)
     report = RecoverReport()
