@@ -288,3 +288,25 @@ def test_width_recipes_end_to_end(tiny_folder, tmp_path):
     assert "--recipe applies to --method width" in error_line(
         run("prune", "--model", str(tiny_folder), "--method", "wanda", "--recipe", "flap", "--out", str(tmp_path / "z"))
     )
+
+
+def test_bench_compares_models_in_one_run(tiny_folder, tmp_path):
+    from prunekit import load
+
+    sliced = tmp_path / "pruned"
+    pruned = run("prune", "--model", str(tiny_folder), "--method", "depth", "--criterion", "magnitude",
+                 "--remove", "1", "--out", str(sliced))  # fmt: skip
+    assert pruned.returncode == 0, pruned.stderr
+    out = tmp_path / "bench.json"
+    result = run("bench", "--model", str(tiny_folder), "--model", str(sliced), "--batch-sizes", "1,2",
+                 "--prompt-lengths", "8", "--new-tokens", "3", "--repeats", "1", "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert len(report["speed"]) == 4 and report["baseline"] == str(tiny_folder)
+    dense, half = (report["models"][str(f)] for f in (tiny_folder, sliced))
+    assert half["prefill_macs_per_token"]["8"] < dense["prefill_macs_per_token"]["8"]  # one of two blocks left
+    model, _ = load(tiny_folder)
+    assert dense["params"]["total"] == sum(p.numel() for p in model.parameters())
+    assert all(r["prefill_speedup"] == 1.0 for r in report["ratios"] if r["model"] == str(tiny_folder))
+    assert "--batch-sizes must be comma-separated" in error_line(run("bench", "--model", str(tiny_folder),
+                                                                     "--batch-sizes", "one"))  # fmt: skip

@@ -609,6 +609,54 @@ def _read_manifest(folder: Path | None) -> dict:
 
 @app.command()
 @friendly
+def bench(
+    model: list[str] = typer.Option(..., help="Models to compare; give it once per model, the first is the baseline."),
+    batch_sizes: str = typer.Option("1", help="Batch sizes, comma-separated."),
+    prompt_lengths: str = typer.Option("512", help="Prompt lengths in tokens, comma-separated."),
+    new_tokens: int = typer.Option(64, help="Greedy tokens generated per decode measurement (forced)."),
+    repeats: int = typer.Option(5, help="Measurements per setting after one warm-up; the median is reported."),
+    device: str = typer.Option("auto", help="cpu, cuda, ... or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+):
+    """Prefill latency, decode tokens/s, memory, parameters and MACs per token, all models in one run,
+    as ratios to the first."""
+    from prunekit.evaluate.bench import benchmark
+    from prunekit.loading import load
+
+    sizes, lengths = _integers(batch_sizes, "--batch-sizes"), _integers(prompt_lengths, "--prompt-lengths")
+    models = {name: load(name, dtype=dtype, device=_device(device))[0] for name in dict.fromkeys(model)}
+    result = benchmark(models, sizes, lengths, new_tokens, repeats, progress=lambda row: log.info("%s", row))
+    typer.echo(format_bench(result))
+    _write_json(json_out, {**result.to_dict(), "ratios": result.ratios()})
+
+
+def _integers(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PrunekitError(f"{flag} must be comma-separated integers like 1,8, got {text!r}") from None
+
+
+def format_bench(result) -> str:
+    lines = ["model | params (non-emb) | weights MB | MACs/token (prefill, longest prompt)"]
+    for name, facts in result.models.items():
+        longest = max(facts.prefill_macs_per_token)
+        lines.append(
+            f"{name} | {facts.params['total']:,} ({facts.params['non_embedding']:,}) | {facts.weights_mb:.1f} | "
+            f"{facts.prefill_macs_per_token[longest] / 1e6:.1f}M"
+        )
+    lines.append("model | batch x prompt | prefill ms | speed-up | decode tok/s | speed-up")
+    for row in result.ratios():
+        lines.append(
+            f"{row['model']} | {row['batch_size']} x {row['prompt_tokens']} | {row['prefill_ms']:.1f} | "
+            f"{row['prefill_speedup']:.2f}x | {row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+@app.command()
+@friendly
 def unpack(
     model: str = typer.Option(..., help="A folder saved with --format compact."),
     out: Path = typer.Option(..., help="Where to write the standard (dense) Hugging Face folder."),
