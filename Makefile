@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/prunekit demo --out outputs/demo-magnitude50 --overwrite
+	$(VENV)/bin/prunekit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

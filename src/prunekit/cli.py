@@ -19,6 +19,7 @@ import typer
 
 from prunekit.errors import PrunekitError
 from prunekit.recover.train import LLM_PRUNER_TARGETS
+from prunekit.study import METHODS as STUDY_METHODS
 
 app = typer.Typer(
     add_completion=False,
@@ -680,38 +681,100 @@ def unpack(
 
 @app.command()
 @friendly
-def demo(
-    out: Path = typer.Option(Path("outputs/demo-magnitude50"), help="Where to save the pruned model."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    data: str = typer.Option("kjv", help="Evaluation text (the packaged King James Bible by default)."),
-    max_windows: int = typer.Option(16, help="Perplexity windows of 512 tokens, before and after."),
+def study(
+    model: str = typer.Option("smollm2-135m", help="Model folder, hub id, or alias."),
+    out: Path = typer.Option(..., help="Study folder: points/, results.json, report.md, study.png."),
+    methods: str = typer.Option("width,depth,slicegpt,wanda", help="Comma-separated: " + ", ".join(STUDY_METHODS)),
+    ratios: str = typer.Option("0.1,0.2,0.3", help="Comma-separated fractions (see the report for each meaning)."),
+    recover: Optional[str] = typer.Option(None, help="Also recover every point: lora, cpt, cpt+lora or distill."),
+    recover_steps: int = typer.Option(50, help="Recovery steps (batch 8 x --train-seqlen)."),
+    calib: str = typer.Option("c4", help="Calibration text."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration samples (default: each method's own)."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration sample length (default: each method's own)."),
+    eval_data: str = typer.Option("wikitext2", "--eval", help="Perplexity text."),
+    eval_seqlen: int = typer.Option(512, help="Perplexity window length."),
+    max_windows: int = typer.Option(64, help="Perplexity windows (0: the whole text)."),
+    tasks: str = typer.Option("", help="Zero-shot tasks, comma-separated (local data; none by default)."),
+    task_limit: Optional[int] = typer.Option(None, help="First N items of each zero-shot task."),
+    train_data: str = typer.Option("c4", help="Recovery training text."),
+    prompt_tokens: int = typer.Option(512, help="Speed: prompt length."),
+    new_tokens: int = typer.Option(32, help="Speed: greedy tokens generated."),
+    repeats: int = typer.Option(3, help="Speed: measurements per model (median)."),
+    seed: int = typer.Option(0, help="Calibration and training seed."),
 ):
-    """Load the embedded SmolLM2-135M, prune it 50% by magnitude, compare perplexity, save it."""
-    from prunekit.data import load_text
-    from prunekit.io import check_output
-    from prunekit.loading import load
-    from prunekit.methods import MagnitudeConfig
-    from prunekit.sequential import EngineConfig
+    """Prune the model with every method at every ratio (optionally recover), measure perplexity,
+    zero-shot accuracy and speed against the dense model, and write a report with plots. Finished
+    points are cached: rerun to resume or extend."""
+    from prunekit.study import StudyConfig
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output(out, overwrite)
-    text = load_text(data)
-    typer.echo("loading smollm2-135m (the first run dequantizes the packaged GGUF once)...")
-    lm, tokenizer = load("smollm2-135m")
-    report = run_prune_job(
-        lm,
-        tokenizer,
-        "smollm2-135m",
-        MagnitudeConfig(0.5),
-        None,
-        EngineConfig(device="cpu"),
-        out,
-        overwrite,
-        text,
-        512,
-        max_windows,
+    config = StudyConfig(
+        model=model,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        ratios=tuple(_floats(ratios, "--ratios")),
+        recover=recover,
+        recover_steps=recover_steps,
+        calib=calib,
+        nsamples=nsamples,
+        calib_seqlen=seqlen,
+        seed=seed,
+        eval_data=eval_data,
+        eval_seqlen=eval_seqlen,
+        max_windows=max_windows or None,
+        tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+        task_limit=task_limit,
+        train_data=train_data,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
     )
-    typer.echo(format_report(report))
+    if recover is not None:
+        from prunekit.recover import RecoverConfig
+
+        RecoverConfig(mode=recover)  # an unknown mode fails now, not after the first point
+    _run_study(config, out)
+
+
+def _run_study(config, out: Path) -> None:
+    from prunekit.study import run_study
+
+    result = run_study(config, out, progress=typer.echo)
+    typer.echo("")
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report: {out / 'report.md'}  plots: {out / 'study.png'}  ({result.seconds:.0f} s)")
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PrunekitError(f"{flag} must be comma-separated numbers like 0.1,0.2, got {text!r}") from None
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("outputs/demo-study"), help="Where the study goes."),
+    data: str = typer.Option("kjv", help="Evaluation text (the packaged King James Bible by default)."),
+    max_windows: int = typer.Option(16, help="Perplexity windows of 512 tokens."),
+):
+    """The study on the embedded SmolLM2-135M in about five minutes on two CPU cores, offline: width,
+    depth, SliceGPT and Wanda at 20%, against dense."""
+    from prunekit.study import StudyConfig
+
+    typer.echo("loading smollm2-135m (the first run dequantizes the packaged GGUF once)...")
+    config = StudyConfig(
+        model="smollm2-135m",
+        methods=("width", "depth", "slicegpt", "wanda"),
+        ratios=(0.2,),
+        calib="pydoc",  # Python's own documentation: always present, and not the evaluation text
+        nsamples=16,
+        eval_data=data,
+        max_windows=max_windows,
+        prompt_tokens=256,
+        new_tokens=16,
+        repeats=2,
+    )
+    _run_study(config, out)
 
 
 def main() -> None:

@@ -29,3 +29,72 @@ def loss_curve_png(losses: list[float], phases: list[dict], title: str) -> bytes
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+PANELS = (  # x key, x label, x higher is better, y key, y label, y higher is better
+    ("params_share", "non-embedding parameters (share of dense)", False, "ppl", "perplexity", False),
+    ("prefill_speedup", "prefill speed-up over dense (1 x prompt)", True, "ppl", "perplexity", False),
+    ("decode_speedup", "decode speed-up over dense (tokens/s)", True, "ppl", "perplexity", False),
+    ("params_share", "non-embedding parameters (share of dense)", False, "zeroshot_avg", "zero-shot accuracy", True),
+)
+
+
+def pareto(points: list[tuple[float, float]], x_high: bool, y_high: bool) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes, in x order."""
+
+    def better(a, b, high):
+        return a >= b if high else a <= b
+
+    front = [
+        p
+        for p in points
+        if not any(
+            q != p and better(q[0], p[0], x_high) and better(q[1], p[1], y_high) and (q[0] != p[0] or q[1] != p[1])
+            for q in points
+        )
+    ]
+    return sorted(front)
+
+
+def study_png(rows: list[dict], title: str) -> bytes:
+    """The study's four views in one figure: perplexity against size, prefill and decode speed, and
+    zero-shot accuracy against size; one colour per method, hollow markers for recovered points,
+    the Pareto front as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=110)
+    for ax, (xk, xl, x_high, yk, yl, y_high) in zip(axes.flat, PANELS, strict=True):
+        usable = [r for r in rows if r.get(yk) is not None]
+        if not usable:
+            ax.text(0.5, 0.5, f"no {yl} measured", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        for r in usable:
+            face = "none" if r["recovered"] else colours[r["method"]]
+            ax.scatter(r[xk], r[yk], s=40, edgecolors=colours[r["method"]], facecolors=face, zorder=3)
+            ax.annotate(r["point"].split(" ", 1)[-1] if r["method"] != "dense" else "dense", (r[xk], r[yk]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        front = pareto([(r[xk], r[yk]) for r in usable], x_high, y_high)
+        ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=0.8, zorder=2, label="Pareto front")
+        if yk == "ppl":  # perplexities span orders of magnitude: log scale, plain numbers
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(xl, fontsize=8)
+        ax.set_ylabel(yl, fontsize=8)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[m], label=m) for m in methods]
+    handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", color="black", label="recovered"))
+    handles.append(plt.Line2D([], [], ls="--", color="grey", label="Pareto front"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()

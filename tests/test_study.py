@@ -1,0 +1,61 @@
+"""The study: every point measured against dense, cached so a rerun or an extension runs only what is
+missing, written as results, a Markdown report and a figure."""
+
+import json
+
+from prunekit.plots import pareto
+from prunekit.study import StudyConfig, run_study, table_rows
+from test_cli import error_line, run
+from tiny_models import SAMPLE_TEXT, save_tiny
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    points = [(1.0, 10.0), (0.8, 12.0), (0.9, 15.0), (0.5, 40.0), (0.5, 50.0)]
+    # fewer parameters and lower perplexity are both better: (0.9, 15) loses to (0.8, 12)
+    assert pareto(points, x_high=False, y_high=False) == [(0.5, 40.0), (0.8, 12.0), (1.0, 10.0)]
+    speed = [(1.0, 10.0), (1.3, 12.0), (1.2, 20.0)]  # a higher speed-up is better
+    assert pareto(speed, x_high=True, y_high=False) == [(1.0, 10.0), (1.3, 12.0)]
+
+
+def tiny_study(tmp_path, **overrides) -> StudyConfig:
+    folder = tmp_path / "tiny"
+    if not folder.exists():
+        save_tiny(folder, "llama")
+        (tmp_path / "corpus.txt").write_text(SAMPLE_TEXT)
+    corpus = str(tmp_path / "corpus.txt")
+    settings = dict(model=str(folder), methods=("width", "depth", "slicegpt", "wanda"), ratios=(0.25,), calib=corpus,
+                    nsamples=4, calib_seqlen=16, eval_data=corpus, eval_seqlen=16, max_windows=2, train_data=corpus,
+                    train_seqlen=16, prompt_tokens=8, new_tokens=4, repeats=1)  # fmt: skip
+    return StudyConfig(**{**settings, **overrides})
+
+
+def test_study_measures_every_point_and_writes_report_and_plot(tmp_path):
+    out = tmp_path / "study"
+    result = run_study(tiny_study(tmp_path), out, progress=lambda line: None)
+    rows = table_rows(result)
+    assert [r["point"] for r in rows] == ["dense", "width 25%", "depth 25%", "slicegpt 25%", "wanda 25%"]
+    by_point = {r["point"]: r for r in rows}
+    assert by_point["dense"]["params_share"] == 1.0
+    assert 0.6 < by_point["width 25%"]["params_share"] < 0.9  # a quarter of the non-embedding parameters
+    assert by_point["wanda 25%"]["params_share"] < 0.8  # sparse methods count non-zero weights
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["provenance"]["model_sha256"] and saved["provenance"]["eval_data"]["sha256"]
+    assert "| width 25% |" in (out / "report.md").read_text()
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")}
+    extended = run_study(tiny_study(tmp_path, ratios=(0.25, 0.5)), out, progress=lambda line: None)
+    assert len(extended.points) == 8
+    assert all((out / "points" / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())  # reused
+
+
+def test_study_with_recovery_adds_recovered_points(tmp_path):
+    config = tiny_study(tmp_path, methods=("depth",), recover="lora", recover_steps=2)
+    result = run_study(config, tmp_path / "study", progress=lambda line: None)
+    assert [p["recover"] for p in result.points] == [None, "lora"]
+    assert result.points[1]["recovery"]["steps"] == 2
+
+
+def test_study_command_refuses_bad_input(tmp_path):
+    assert "--methods: unknown ['height']" in error_line(run("study", "--out", str(tmp_path), "--methods", "height"))
+    assert "--ratios must be fractions" in error_line(run("study", "--out", str(tmp_path), "--ratios", "1.5"))
