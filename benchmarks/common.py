@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from prunekit.evaluate import measure_speed, perplexity
 
 
@@ -12,3 +14,10 @@ def measure(model, tokenizer, text, args) -> dict:
         return {"speed": measure_speed(model, repeats=args.repeats).to_dict()}
     windows = args.max_windows or None
     return {"ppl": perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl}
+
+
+def save(path, results) -> None:
+    """Write the results so far (after every run: a benchmark killed half-way keeps what it measured)."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)

@@ -26,7 +26,7 @@ import os
 import time
 
 import torch
-from common import measure
+from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
@@ -120,12 +120,6 @@ def main():
         model, _ = load(args.model)
         results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
         save(args.json, results)
-
-
-def save(path, results) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(results, fh, indent=2)
 
 
 @torch.no_grad()

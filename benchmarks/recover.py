@@ -12,12 +12,12 @@ training is measured per run. Each pruned model is made once and kept under outp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+from common import save
 
 from prunekit import load, save_pruned
 from prunekit.data import calibration, load_text
@@ -101,12 +101,6 @@ def pruned_model(model_name: str, name: str) -> Path:
 
 def ppl(model, tokenizer, text, args) -> float:
     return perplexity(model, tokenizer, text, seqlen=512, max_windows=args.max_windows or None, progress=False).ppl
-
-
-def save(path, results) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(results, fh, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ model measured again at the end to show the clock's drift on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 import torch
-from common import measure
+from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
@@ -61,12 +60,6 @@ def main():
         model, _ = load(args.model)
         results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
         save(args.json, results)
-
-
-def save(path, results) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(results, fh, indent=2)
 
 
 def run_one(args, fraction, calib, tokenizer, text) -> dict:

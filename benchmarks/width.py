@@ -15,12 +15,11 @@ and greedy decode tokens/s (64 new tokens) instead, dense and pruned in the same
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import torch
-from common import measure
+from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
@@ -78,12 +77,6 @@ def main():
     if args.speed:  # the machine is shared: a second dense measurement shows how much the clock drifted
         results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
         save(args.json, results)
-
-
-def save(path, results) -> None:
-    if path:
-        with open(path, "w") as fh:
-            json.dump(results, fh, indent=2)
 
 
 def run_one(args, name, round_to, calib, tokenizer, text) -> dict:
