@@ -220,3 +220,12 @@ def test_lora_on_a_sliced_model_keeps_the_shortcuts_and_merges_to_the_same_logit
     assert (adapted - expected).abs().max() > 1e-3
     merged = lora.merge_and_unload()
     assert torch.allclose(logits(merged), adapted, atol=1e-5)
+
+
+def test_depth_pruning_a_sliced_model_is_refused():
+    from prunekit.methods import DepthConfig
+
+    model = tiny_model("llama")
+    prune(model, SliceGPTConfig(slice=0.25), calibration(), ENGINE)
+    with pytest.raises(PrunekitError, match="depth-prune first, then slice"):
+        prune(model, DepthConfig(criterion="magnitude", remove=1), engine=ENGINE)

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from prunekit.depth_surgery import has_removed_sublayers
 from prunekit.errors import PrunekitError
+from prunekit.invariance import describe_hidden
 from prunekit.lazy import is_lazy
 from prunekit.methods import register_whole_model
 from prunekit.methods.depth_scores import CRITERIA, Context, Network, Unit, angular_runs
@@ -126,6 +127,9 @@ def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[Engine
         raise PrunekitError("depth pruning scores the whole network; drop --lazy")
     if has_removed_sublayers(model):
         raise PrunekitError("this model already lacks sub-layers; depth-prune the model it was made from")
+    if describe_hidden(model) is not None:  # each block's shortcuts change the stream's basis: none may be skipped
+        raise PrunekitError("this model was sliced by SliceGPT, whose blocks each turn the residual stream into the "
+                            "next block's basis; depth-prune first, then slice")  # fmt: skip
     network = Network(model)
     total = len(network.alive)
     candidates = _candidates(config, total)
