@@ -94,6 +94,46 @@ def eval_ppl(
     _write_json(json_out, {"model": model, **result.to_dict()})
 
 
+@eval_app.command("zeroshot")
+@friendly
+def eval_zeroshot(
+    model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
+    tasks: str = typer.Option(
+        "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa",
+        help="Comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, lambada.",
+    ),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N items of each task."),
+    batch_size: int = typer.Option(8, help="Requests per forward pass."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... or auto."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this JSON file."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle (.bin) weights."),
+    trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+):
+    """Zero-shot accuracy on local copies of the standard sets, scored as lm-evaluation-harness scores them."""
+    from prunekit.evaluate.zeroshot import evaluate_zeroshot, load_task
+    from prunekit.loading import load
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for name in names:  # unknown tasks and missing files fail before the model loads
+        load_task(name, limit)
+    lm, tokenizer = load(
+        model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    result = evaluate_zeroshot(lm, tokenizer, names, limit=limit, batch_size=batch_size)
+
+    def cell(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    typer.echo(f"{model}: zero-shot ({result.seconds:.0f} s)")
+    typer.echo(f"{'task':<14} {'items':>6} {'acc':>7} {'acc_norm':>8} {'chance':>7}")
+    for name, r in result.tasks.items():
+        extra = f"  perplexity {r.perplexity:.3f}" if r.perplexity is not None else ""
+        typer.echo(f"{name:<14} {r.items:>6} {cell(r.acc):>7} {cell(r.acc_norm):>8} {cell(r.chance):>7}{extra}")
+    typer.echo(f"{'mean acc':<14} {'':>6} {cell(result.mean_acc):>7}")
+    _write_json(json_out, {"model": model, **result.to_dict()})
+
+
 @app.command()
 @friendly
 def prune(

@@ -1,7 +1,15 @@
-"""Evaluation: perplexity, speed, and ``bench`` (models side by side: speed, memory, parameters, MACs)."""
+"""Evaluation: perplexity, speed, and zero-shot tasks scored the way lm-evaluation-harness scores them."""
 
-from prunekit.evaluate.bench import BenchResult, benchmark
 from prunekit.evaluate.perplexity import PerplexityResult, perplexity
 from prunekit.evaluate.speed import SpeedResult, measure_speed
+from prunekit.evaluate.zeroshot import ZeroShotResult, evaluate_zeroshot, lm_eval_model
 
-__all__ = ["BenchResult", "PerplexityResult", "SpeedResult", "benchmark", "measure_speed", "perplexity"]
+__all__ = [
+    "PerplexityResult",
+    "SpeedResult",
+    "ZeroShotResult",
+    "evaluate_zeroshot",
+    "lm_eval_model",
+    "measure_speed",
+    "perplexity",
+]
