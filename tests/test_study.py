@@ -59,3 +59,17 @@ def test_study_with_recovery_adds_recovered_points(tmp_path):
 def test_study_command_refuses_bad_input(tmp_path):
     assert "--methods: unknown ['height']" in error_line(run("study", "--out", str(tmp_path), "--methods", "height"))
     assert "--ratios must be fractions" in error_line(run("study", "--out", str(tmp_path), "--ratios", "1.5"))
+
+
+def test_study_with_zero_shot_tasks_plots_their_mean(tmp_path):
+    import pytest
+
+    from prunekit.data import find_local
+
+    if find_local("piqa/valid.jsonl") is None:
+        pytest.skip("PIQA not available locally")
+    config = tiny_study(tmp_path, methods=("depth",), tasks=("piqa",), task_limit=3)
+    result = run_study(config, tmp_path / "study", progress=lambda line: None)
+    rows = table_rows(result)
+    assert all(0 <= r["zeroshot_avg"] <= 1 for r in rows)
+    assert result.points[0]["zeroshot"]["tasks"]["piqa"]["items"] == 3

@@ -277,7 +277,7 @@ def table_rows(result: StudyResult) -> list[dict]:
     rows = []
     for point in [{"method": "dense", "ratio": 0.0, "recover": None, **dense}, *result.points]:
         size = point["nonzero_non_embedding"] if point["method"] in SPARSE else point["params"]["non_embedding"]
-        zeroshot = point.get("zeroshot", {}).get("average_acc")
+        zeroshot = point.get("zeroshot", {}).get("mean_acc")
         rows.append(
             {
                 "point": point["method"]
