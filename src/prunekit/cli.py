@@ -559,8 +559,9 @@ def recover(
     )
     if mode == "distill" and teacher is None:
         raise PrunekitError("--mode distill needs a teacher: pass --teacher DENSE_MODEL")
-    check_output(out, overwrite)  # every process: one that went on alone would wait for the others forever
-    state = make_accelerator(config)
+    state = make_accelerator(config)  # first: every process must know which one it is
+    if state.is_main_process:
+        check_output(out, overwrite)
     checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.recover-checkpoint"
     report = run_recover_job(
         model, out, config, data, seqlen, keep_sparsity, teacher, teacher_topk, checkpoint_dir, state,
