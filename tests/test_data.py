@@ -313,3 +313,38 @@ def test_missing_c4_names_prunekit_data(tmp_path, monkeypatch):
     with pytest.raises(PrunekitError, match="PRUNEKIT_DATA") as err:
         load_text("c4")
     assert "c4/c4_en_train_first1000.jsonl" in str(err.value)
+
+
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs datasets")
+
+
+@needs_datasets
+def test_load_text_hf_spec_streams_the_first_rows_of_a_datasets_builder(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(5)))
+    text = load_text(f"hf:json?data_files={path}&column=body&rows=3")
+    assert text.text == "document 0\n\ndocument 1\n\ndocument 2"
+    assert text.name.startswith("hf:json?")
+
+
+@needs_datasets
+def test_load_text_hf_spec_with_a_missing_column_names_the_column(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(PrunekitError, match="no column 'text'"):
+        load_text(f"hf:json?data_files={path}")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("hf:", "bad dataset spec"), ("hf:json?colum=text", "unknown: colum"), ("hf:json?rows=0", "rows must be")],
+)
+def test_load_text_hf_spec_errors_say_what_would_work(spec, message):
+    with pytest.raises(PrunekitError, match=message):
+        load_text(spec)
+
+
+@needs_datasets
+def test_load_text_hf_spec_for_a_dataset_that_cannot_be_read_is_one_error(tmp_path):
+    with pytest.raises(PrunekitError, match="could not read"):
+        load_text(f"hf:json?data_files={tmp_path / 'absent.jsonl'}")

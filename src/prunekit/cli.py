@@ -69,7 +69,9 @@ def _write_json(path: Optional[Path], payload: dict) -> None:
 @friendly
 def eval_ppl(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
-    data: str = typer.Option("wikitext2", help="wikitext2, wikitext2-valid, c4, kjv, pydoc, or a text file."),
+    data: str = typer.Option(
+        "wikitext2", help="wikitext2, wikitext2-valid, c4, kjv, pydoc, a text file, or hf:DATASET?name=&split=&rows=."
+    ),
     seqlen: int = typer.Option(512, help="Window length in tokens."),
     max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
     batch_size: int = typer.Option(4, help="Windows per forward pass."),
@@ -204,7 +206,9 @@ def prune(
     blocksize: Optional[int] = typer.Option(None, help="sparsegpt: columns per lazy-update block (128)."),
     percdamp: Optional[float] = typer.Option(None, help="sparsegpt: initial dampening, fraction of mean diag(H)."),
     hessian_dtype: Optional[str] = typer.Option(None, help="sparsegpt: float32 or float64."),
-    calib: Optional[str] = typer.Option(None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file)."),
+    calib: Optional[str] = typer.Option(
+        None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file, hf:DATASET?...)."
+    ),
     nsamples: Optional[int] = typer.Option(
         None, help="Calibration samples (128; depth: 10; slicegpt: 64; a recipe may set its own)."
     ),
@@ -440,7 +444,7 @@ def prune_retrain_command(
     model: str = typer.Option(..., help="Model folder, hub id, or alias (smollm2-135m)."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     schedule: str = typer.Option("0.3,0.5,0.6,0.7", help="Rising sparsities, comma-separated."),
-    train_data: str = typer.Option("c4", help="Text to retrain on (c4, kjv, pydoc, a file)."),
+    train_data: str = typer.Option("c4", help="Text to retrain on (c4, kjv, pydoc, a file, hf:DATASET?...)."),
     steps: int = typer.Option(50, help="Fine-tuning steps after each pruning stage."),
     lr: float = typer.Option(5e-5, help="AdamW learning rate."),
     batch_size: int = typer.Option(4, help="Windows per step."),
@@ -498,7 +502,9 @@ def recover(
     model: str = typer.Option(..., help="The pruned model: a prunekit output folder (or any model)."),
     out: Path = typer.Option(..., help="Output folder (written atomically)."),
     mode: str = typer.Option("lora", help="lora, cpt (continued pretraining), cpt+lora, or distill."),
-    data: str = typer.Option("c4", help="Training text (c4, wikitext2, kjv, a .txt/.jsonl file) or Alpaca .json."),
+    data: str = typer.Option(
+        "c4", help="Training text (c4, wikitext2, kjv, a .txt/.jsonl file, hf:DATASET?...) or Alpaca .json."
+    ),
     seqlen: int = typer.Option(512, help="Training sequence length (text is packed into windows of it)."),
     steps: int = typer.Option(100, help="Optimizer steps (all phases)."),
     batch_size: int = typer.Option(8, help="Examples per optimizer step, over all processes."),

@@ -12,6 +12,9 @@ Sources (``load_text(name)``):
   offline corpus of the demo.
 - ``pydoc``: Python's own reference documentation (standard library, always present).
 - any path to a plain ``.txt`` file (or a ``.jsonl`` file with a ``text`` field per line).
+- ``hf:DATASET?name=CONFIG&split=train&column=text&rows=10000&data_files=...``: any dataset that
+  ``datasets.load_dataset`` reads (hub or packaged builders such as ``json``), streamed, so only the
+  first ``rows`` rows are fetched, e.g. ``hf:allenai/c4?name=en&rows=5000``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ log = logging.getLogger(__name__)
 
 WIKITEXT_FILES = {"wikitext2": "wiki.test.raw", "wikitext2-valid": "wiki.valid.raw"}
 C4_FILE = "c4/c4_en_train_first1000.jsonl"
-SOURCES = ("wikitext2", "wikitext2-valid", "c4", "kjv", "pydoc")
+SOURCES = ("wikitext2", "wikitext2-valid", "c4", "kjv", "pydoc", "hf:DATASET?name=&split=&column=&rows=")
+HUB_PREFIX = "hf:"
+HUB_OPTIONS = {"name": None, "split": "train", "column": "text", "rows": "10000", "data_files": None}
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ def load_text(name: str) -> Text:
         return Text("c4", _read_jsonl(path), str(path))
     if name == "kjv":
         return _kjv()
+    if name.startswith(HUB_PREFIX):
+        return _hub_text(name)
     if name == "pydoc":
         import pydoc_data.topics
 
@@ -113,6 +120,40 @@ def _wikitext_from_hub(name: str, relative: str) -> Text:
     except Exception as err:  # datasets raises many types when offline
         raise PrunekitError(_missing("WikiText-2", relative) + f"; the hub copy failed too ({err})") from None
     return Text(name, "\n\n".join(rows), "hub:wikitext/wikitext-2-raw-v1")
+
+
+def _hub_text(spec: str) -> Text:
+    """The first ``rows`` rows of a ``datasets`` dataset's text column, streamed (see the module docstring)."""
+    from itertools import islice
+    from urllib.parse import parse_qs
+
+    path, _, query = spec[len(HUB_PREFIX) :].partition("?")
+    given = {key: values[-1] for key, values in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(given) - set(HUB_OPTIONS))
+    if not path or unknown:
+        raise PrunekitError(
+            f"bad dataset spec {spec!r}: write hf:DATASET?key=value&..., keys {', '.join(HUB_OPTIONS)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    options = {**HUB_OPTIONS, **given}
+    if not options["rows"].isdigit() or int(options["rows"]) < 1:
+        raise PrunekitError(f"{spec!r}: rows must be a positive integer, got {options['rows']!r}")
+    if importlib.util.find_spec("datasets") is None:
+        raise PrunekitError(f"{spec!r} needs the `datasets` package: pip install datasets")
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(
+            path, options["name"], split=options["split"], data_files=options["data_files"], streaming=True
+        )
+        docs = [row[options["column"]] for row in islice(rows, int(options["rows"]))]
+    except KeyError:
+        raise PrunekitError(f"{spec!r}: the rows have no column {options['column']!r}; set column=") from None
+    except Exception as err:  # datasets raises many types (offline, unknown dataset, bad split)
+        raise PrunekitError(f"could not read {spec!r}: {type(err).__name__}: {err}") from None
+    if not docs or not all(isinstance(doc, str) for doc in docs):
+        raise PrunekitError(f"{spec!r}: column {options['column']!r} must hold text, and at least one row")
+    return Text(spec, "\n\n".join(docs), spec)
 
 
 def _read_jsonl(path: Path) -> str:
