@@ -50,10 +50,11 @@ def test_study_measures_every_point_and_writes_report_and_plot(tmp_path):
 
 
 def test_study_with_recovery_adds_recovered_points(tmp_path):
-    config = tiny_study(tmp_path, methods=("depth",), recover="lora", recover_steps=2)
+    config = tiny_study(tmp_path, methods=("depth",), recover="lora", recover_steps=2, recover_lr=3e-4)
     result = run_study(config, tmp_path / "study", progress=lambda line: None)
     assert [p["recover"] for p in result.points] == [None, "lora"]
     assert result.points[1]["recovery"]["steps"] == 2
+    assert result.points[1]["recovery"]["lr"] == 3e-4
 
 
 def test_study_command_refuses_bad_input(tmp_path):

@@ -734,6 +734,9 @@ def study(
     ratios: str = typer.Option("0.1,0.2,0.3", help="Comma-separated fractions (see the report for each meaning)."),
     recover: Optional[str] = typer.Option(None, help="Also recover every point: lora, cpt, cpt+lora or distill."),
     recover_steps: int = typer.Option(50, help="Recovery steps (batch 8 x --train-seqlen)."),
+    recover_lr: Optional[float] = typer.Option(
+        None, help="Peak recovery learning rate (default: LoRA 1e-4, full 2e-5)."
+    ),
     calib: str = typer.Option("c4", help="Calibration text."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration samples (default: each method's own)."),
     seqlen: Optional[int] = typer.Option(None, help="Calibration sample length (default: each method's own)."),
@@ -759,6 +762,7 @@ def study(
         ratios=tuple(_floats(ratios, "--ratios")),
         recover=recover,
         recover_steps=recover_steps,
+        recover_lr=recover_lr,
         calib=calib,
         nsamples=nsamples,
         calib_seqlen=seqlen,
@@ -776,7 +780,7 @@ def study(
     if recover is not None:
         from prunekit.recover import RecoverConfig
 
-        RecoverConfig(mode=recover)  # an unknown mode fails now, not after the first point
+        RecoverConfig(mode=recover, lr=recover_lr)  # a bad mode or rate fails now, not after the first point
     _run_study(config, out)
 
 

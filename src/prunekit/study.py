@@ -57,6 +57,7 @@ class StudyConfig:
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
     recover: str | None = None  # a recovery mode (lora, cpt, ...) run after pruning, besides the unrecovered point
     recover_steps: int = 50
+    recover_lr: float | None = None  # None: prunekit's defaults (LoRA 1e-4, full training 2e-5)
     calib: str = "c4"
     nsamples: int | None = None  # default: each method's own
     calib_seqlen: int | None = None
@@ -162,14 +163,23 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
 
     data = load_train_data(tokenizer, config.train_data, config.train_seqlen)
     steps, seed = config.recover_steps, config.seed
-    settings = RecoverConfig(mode=mode, steps=steps, batch_size=8, keep_sparsity=sparse, seed=seed)
+    settings = RecoverConfig(
+        mode=mode, steps=steps, batch_size=8, lr=config.recover_lr, keep_sparsity=sparse, seed=seed
+    )
     teacher = None
     if mode == "distill":
         from prunekit.loading import load
 
         teacher = load(config.model)[0]
     _, report = recover(model, data, settings, teacher=teacher, progress=False)
-    return {"mode": mode, "steps": settings.steps, "data": data.describe(), "loss_last": report.losses[-1]}
+    return {
+        "mode": mode,
+        "steps": settings.steps,
+        "lr": report.phases[-1]["lr"],
+        "data": data.describe(),
+        "loss_first": report.losses[0],
+        "loss_last": report.losses[-1],
+    }
 
 
 def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
