@@ -56,6 +56,19 @@ def pareto(points: list[tuple[float, float]], x_high: bool, y_high: bool) -> lis
     return sorted(front)
 
 
+def _method_curves(ax, rows: list[dict], xk: str, yk: str, colours: dict) -> None:
+    """One thin line through each method's ratios (dotted once recovered), so a method reads as a curve."""
+    groups: dict[tuple[str, bool], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "dense":
+            groups.setdefault((r["method"], r["recovered"]), []).append(r)
+    for (method, recovered), members in groups.items():
+        if len(members) > 1:
+            members = sorted(members, key=lambda r: r.get("ratio", 0.0))
+            ax.plot([r[xk] for r in members], [r[yk] for r in members], color=colours[method], lw=0.9,
+                    ls=":" if recovered else "-", alpha=0.7, zorder=2)  # fmt: skip
+
+
 def study_png(rows: list[dict], title: str) -> bytes:
     """The study's four views in one figure: perplexity against size, prefill and decode speed, and
     zero-shot accuracy against size; one colour per method, hollow markers for recovered points,
@@ -79,10 +92,12 @@ def study_png(rows: list[dict], title: str) -> bytes:
             ax.scatter(r[xk], r[yk], s=40, edgecolors=colours[r["method"]], facecolors=face, zorder=3)
             ax.annotate(r["point"].split(" ", 1)[-1] if r["method"] != "dense" else "dense", (r[xk], r[yk]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        _method_curves(ax, usable, xk, yk, colours)
         front = pareto([(r[xk], r[yk]) for r in usable], x_high, y_high)
-        ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=0.8, zorder=2, label="Pareto front")
+        ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=2.5, alpha=0.4, zorder=1, label="Pareto front")
         if yk == "ppl":  # perplexities span orders of magnitude: log scale, plain numbers
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xl, fontsize=8)
@@ -90,7 +105,7 @@ def study_png(rows: list[dict], title: str) -> bytes:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[m], label=m) for m in methods]
     handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", color="black", label="recovered"))
-    handles.append(plt.Line2D([], [], ls="--", color="grey", label="Pareto front"))
+    handles.append(plt.Line2D([], [], ls="--", color="grey", lw=2.5, alpha=0.4, label="Pareto front"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))

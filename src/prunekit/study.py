@@ -294,6 +294,7 @@ def table_rows(result: StudyResult) -> list[dict]:
                 + (f" {point['ratio']:.0%}" if point["ratio"] else "")
                 + (f" +{point['recover']}" if point.get("recover") else ""),
                 "method": point["method"],
+                "ratio": point["ratio"],
                 "recovered": bool(point.get("recover")),
                 "non_embedding_params": size,
                 "params_share": size / dense["params"]["non_embedding"],
