@@ -55,6 +55,8 @@ def test_study_with_recovery_adds_recovered_points(tmp_path):
     assert [p["recover"] for p in result.points] == [None, "lora"]
     assert result.points[1]["recovery"]["steps"] == 2
     assert result.points[1]["recovery"]["lr"] == 3e-4
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "Recovery: lora, 2 steps of 8 x 16 tokens (256 tokens)" in report
 
 
 def test_study_command_refuses_bad_input(tmp_path):
@@ -74,3 +76,6 @@ def test_study_with_zero_shot_tasks_plots_their_mean(tmp_path):
     rows = table_rows(result)
     assert all(0 <= r["zeroshot_avg"] <= 1 for r in rows)
     assert result.points[0]["zeroshot"]["tasks"]["piqa"]["items"] == 3
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "| point | piqa | mean |" in report and "| depth 25% | " in report
+    assert "| chance | 0.500 | 0.500 |" in report  # PIQA has two choices per item

@@ -69,10 +69,10 @@ def _method_curves(ax, rows: list[dict], xk: str, yk: str, colours: dict) -> Non
                     ls=":" if recovered else "-", alpha=0.7, zorder=2)  # fmt: skip
 
 
-def study_png(rows: list[dict], title: str) -> bytes:
+def study_png(rows: list[dict], title: str, chance: float | None = None) -> bytes:
     """The study's four views in one figure: perplexity against size, prefill and decode speed, and
-    zero-shot accuracy against size; one colour per method, hollow markers for recovered points,
-    the Pareto front as a dashed line."""
+    zero-shot accuracy against size (with the ``chance`` level of guessing); one colour per method,
+    hollow markers for recovered points, the Pareto front as a thick grey line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +100,10 @@ def study_png(rows: list[dict], title: str) -> bytes:
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if yk == "zeroshot_avg" and chance is not None:
+            ax.axhline(chance, color="black", ls=":", lw=1)
+            ax.annotate("chance", (0, chance), xycoords=("axes fraction", "data"), xytext=(3, 3),
+                        textcoords="offset points", fontsize=7)  # fmt: skip
         ax.set_xlabel(xl, fontsize=8)
         ax.set_ylabel(yl, fontsize=8)
         ax.grid(alpha=0.3)

@@ -315,7 +315,8 @@ def write_outputs(result: StudyResult, out: Path) -> None:
     rows = table_rows(result)
     (out / "results.json").write_text(json.dumps({**result.to_dict(), "table": rows}, indent=2, default=str))
     (out / "report.md").write_text(markdown_report(result, rows))
-    (out / "study.png").write_bytes(study_png(rows, title=f"{result.provenance['model']}: width vs depth vs others"))
+    title = f"{result.provenance['model']}: width vs depth vs others"
+    (out / "study.png").write_bytes(study_png(rows, title=title, chance=zeroshot_chance(result)))
 
 
 def markdown_report(result: StudyResult, rows: list[dict]) -> str:
@@ -338,5 +339,60 @@ def markdown_report(result: StudyResult, rows: list[dict]) -> str:
             f"| {row['point']} | {row['non_embedding_params'] / 1e6:.1f}M ({row['params_share']:.0%}) | "
             f"{row['ppl']:.2f} | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x | {zeroshot} |"
         )
-    lines += ["", "![study](study.png)", "", f"Provenance: `results.json`. Wall time {result.seconds:.0f} s."]
+    lines += ["", "![study](study.png)", ""]
+    lines += _recovery_lines(result) + _zeroshot_lines(result)
+    lines.append(f"Provenance: `results.json`. Wall time {result.seconds:.0f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _recovery_lines(result: StudyResult) -> list[str]:
+    recovered = [p["recovery"] for p in result.points if p.get("recovery")]
+    if not recovered:
+        return []
+    first, settings = recovered[0], result.provenance["settings"]
+    seqlen = first["data"]["seqlen"]
+    return [
+        f"Recovery: {first['mode']}, {first['steps']} steps of 8 x {seqlen} tokens "
+        f"({first['steps'] * 8 * seqlen:,} tokens) of {settings['train_data']}, peak learning rate {first['lr']:g}; "
+        "the same batches for every point.",
+        "",
+    ]
+
+
+def _zeroshot_lines(result: StudyResult) -> list[str]:
+    """Accuracy per task for every point, with the chance level each task would score by guessing."""
+    dense = result.dense.get("zeroshot")
+    if not dense:
+        return []
+    tasks = list(dense["tasks"])
+    items = ", ".join(f"{t} {dense['tasks'][t]['items']}" for t in tasks)
+    lines = [
+        f"Zero-shot accuracy (acc as lm-eval defines it; items per task: {items}; standard error about "
+        f"{_typical_stderr(dense):.3f}):",
+        "",
+        "| point | " + " | ".join(tasks) + " | mean |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for point in [{"method": "dense", "ratio": 0.0, **result.dense}, *result.points]:
+        scores = point["zeroshot"]["tasks"]
+        name = point["method"] + (f" {point['ratio']:.0%}" if point["ratio"] else "")
+        name += f" +{point['recover']}" if point.get("recover") else ""
+        cells = " | ".join(f"{scores[t]['acc']:.3f}" for t in tasks)
+        lines.append(f"| {name} | {cells} | {point['zeroshot']['mean_acc']:.3f} |")
+    chance = [dense["tasks"][t]["chance"] or 0.0 for t in tasks]
+    lines.append("| chance | " + " | ".join(f"{c:.3f}" for c in chance) + f" | {sum(chance) / len(chance):.3f} |")
+    return lines + [""]
+
+
+def _typical_stderr(zeroshot: dict) -> float:
+    errors = [t["acc_stderr"] for t in zeroshot["tasks"].values() if t["acc_stderr"] is not None]
+    return sum(errors) / len(errors) if errors else float("nan")
+
+
+def zeroshot_chance(result: StudyResult) -> float | None:
+    """The mean accuracy of guessing over the study's tasks (0 for LAMBADA, which has no choices)."""
+    dense = result.dense.get("zeroshot")
+    if not dense:
+        return None
+    chance = [t["chance"] or 0.0 for t in dense["tasks"].values()]
+    return sum(chance) / len(chance)
