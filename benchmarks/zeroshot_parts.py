@@ -1,0 +1,71 @@
+"""One zero-shot task split across processes: each part scores every ``parts``-th item, ``--merge`` scores
+the whole set from the parts' loglikelihoods. The figures equal one ``prunekit eval zeroshot`` run (items are
+scored independently); only the wall time is divided. Used for HellaSwag's 10,042 items on a 2-core machine.
+
+    python benchmarks/zeroshot_parts.py --task hellaswag --part 0 --parts 2 --out outputs/hs
+    python benchmarks/zeroshot_parts.py --task hellaswag --part 1 --parts 2 --out outputs/hs
+    python benchmarks/zeroshot_parts.py --task hellaswag --parts 2 --out outputs/hs --merge --json hellaswag.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from prunekit.evaluate.zeroshot import ZeroShotResult, load_task, loglikelihoods, score_docs
+
+
+def part_path(out: Path, task: str, part: int, parts: int) -> Path:
+    return out / f"{task}-{part}-of-{parts}.json"
+
+
+def run_part(args) -> None:
+    from prunekit.loading import load
+
+    docs = load_task(args.task, args.limit)[args.part :: args.parts]
+    model, tokenizer = load(args.model)
+    start = time.perf_counter()
+    requests = [r for doc in docs for r in doc.requests]
+    lls = loglikelihoods(model, tokenizer, requests, args.batch_size, desc=f"{args.task} part {args.part}")
+    path = part_path(args.out, args.task, args.part, args.parts)
+    path.write_text(json.dumps({"loglikelihoods": lls, "seconds": time.perf_counter() - start}))
+
+
+def merge(args) -> None:
+    docs = load_task(args.task, args.limit)
+    saved = [json.loads(part_path(args.out, args.task, p, args.parts).read_text()) for p in range(args.parts)]
+    per_doc = [None] * len(docs)
+    for part, result in enumerate(saved):
+        lls, start = result["loglikelihoods"], 0
+        for index in range(part, len(docs), args.parts):  # the part's docs, in the order it scored them
+            count = len(docs[index].requests)
+            per_doc[index], start = [tuple(r) for r in lls[start : start + count]], start + count
+        assert start == len(lls), f"part {part}: {len(lls)} loglikelihoods, {start} expected"
+    task = score_docs(args.task, docs, [r for doc in per_doc for r in doc])
+    seconds = sum(r["seconds"] for r in saved)
+    result = ZeroShotResult({args.task: task}, task.acc, args.limit, args.batch_size, seconds)
+    print(f"{args.task}: {result.summary()} (chance {task.chance}, {seconds:.0f} s over {args.parts} parts)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--limit", type=int, help="first N items of the task (default: all)")
+    parser.add_argument("--part", type=int, default=0)
+    parser.add_argument("--parts", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the parts' loglikelihoods")
+    parser.add_argument("--merge", action="store_true", help="score the whole task from the saved parts")
+    parser.add_argument("--json", help="with --merge: write the result as `prunekit eval zeroshot --json` does")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    merge(args) if args.merge else run_part(args)
+
+
+if __name__ == "__main__":
+    main()
