@@ -34,21 +34,33 @@ def run_part(args) -> None:
 
 
 def merge(args) -> None:
+    """Score the task from every saved part. With some parts missing, the parts present are an interleaved
+    sample of the set (items ``i`` with ``i % parts`` among them), and the result says so."""
     docs = load_task(args.task, args.limit)
-    saved = [json.loads(part_path(args.out, args.task, p, args.parts).read_text()) for p in range(args.parts)]
-    per_doc = [None] * len(docs)
-    for part, result in enumerate(saved):
-        lls, start = result["loglikelihoods"], 0
+    present = [p for p in range(args.parts) if part_path(args.out, args.task, p, args.parts).is_file()]
+    if not present:
+        raise SystemExit(f"no parts of {args.task} under {args.out}")
+    scored_docs = [i for i in range(len(docs)) if i % args.parts in present]
+    per_doc, seconds = {}, 0.0
+    for part in present:
+        saved = json.loads(part_path(args.out, args.task, part, args.parts).read_text())
+        lls, start, seconds = saved["loglikelihoods"], 0, seconds + saved["seconds"]
         for index in range(part, len(docs), args.parts):  # the part's docs, in the order it scored them
             count = len(docs[index].requests)
             per_doc[index], start = [tuple(r) for r in lls[start : start + count]], start + count
         assert start == len(lls), f"part {part}: {len(lls)} loglikelihoods, {start} expected"
-    task = score_docs(args.task, docs, [r for doc in per_doc for r in doc])
-    seconds = sum(r["seconds"] for r in saved)
+    results = [r for i in scored_docs for r in per_doc[i]]
+    task = score_docs(args.task, [docs[i] for i in scored_docs], results)
     result = ZeroShotResult({args.task: task}, task.acc, args.limit, args.batch_size, seconds)
-    print(f"{args.task}: {result.summary()} (chance {task.chance}, {seconds:.0f} s over {args.parts} parts)")
+    sample = (
+        ""
+        if len(present) == args.parts
+        else f" (parts {present} of {args.parts}: {len(scored_docs)} of {len(docs)} items)"
+    )
+    print(f"{args.task}: {result.summary()}, chance {task.chance}{sample}, {seconds:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        extra = {"parts": args.parts, "parts_merged": present, "items_in_set": len(docs)}
+        Path(args.json).write_text(json.dumps({**result.to_dict(), **extra}, indent=2))
 
 
 def main() -> None:
