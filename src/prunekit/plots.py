@@ -97,7 +97,7 @@ def study_png(rows: list[dict], title: str, chance: float | None = None) -> byte
         ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=2.5, alpha=0.4, zorder=1, label="Pareto front")
         if yk == "ppl":  # perplexities span orders of magnitude: log scale, plain numbers
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5, 7)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if yk == "zeroshot_avg" and chance is not None:
