@@ -340,7 +340,7 @@ def markdown_report(result: StudyResult, rows: list[dict]) -> str:
             f"{row['ppl']:.2f} | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x | {zeroshot} |"
         )
     lines += ["", "![study](study.png)", ""]
-    lines += _recovery_lines(result) + _zeroshot_lines(result)
+    lines += _recovery_lines(result) + _zeroshot_lines(result, rows)
     lines.append(f"Provenance: `results.json`. Wall time {result.seconds:.0f} s.")
     return "\n".join(lines) + "\n"
 
@@ -359,7 +359,7 @@ def _recovery_lines(result: StudyResult) -> list[str]:
     ]
 
 
-def _zeroshot_lines(result: StudyResult) -> list[str]:
+def _zeroshot_lines(result: StudyResult, rows: list[dict]) -> list[str]:
     """Accuracy per task for every point, with the chance level each task would score by guessing."""
     dense = result.dense.get("zeroshot")
     if not dense:
@@ -373,14 +373,12 @@ def _zeroshot_lines(result: StudyResult) -> list[str]:
         "| point | " + " | ".join(tasks) + " | mean |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
-    for point in [{"method": "dense", "ratio": 0.0, **result.dense}, *result.points]:
+    for row, point in zip(rows, [result.dense, *result.points], strict=True):  # rows: dense first, then the points
         scores = point["zeroshot"]["tasks"]
-        name = point["method"] + (f" {point['ratio']:.0%}" if point["ratio"] else "")
-        name += f" +{point['recover']}" if point.get("recover") else ""
         cells = " | ".join(f"{scores[t]['acc']:.3f}" for t in tasks)
-        lines.append(f"| {name} | {cells} | {point['zeroshot']['mean_acc']:.3f} |")
-    chance = [dense["tasks"][t]["chance"] or 0.0 for t in tasks]
-    lines.append("| chance | " + " | ".join(f"{c:.3f}" for c in chance) + f" | {sum(chance) / len(chance):.3f} |")
+        lines.append(f"| {row['point']} | {cells} | {point['zeroshot']['mean_acc']:.3f} |")
+    chance = " | ".join(f"{dense['tasks'][t]['chance'] or 0.0:.3f}" for t in tasks)
+    lines.append(f"| chance | {chance} | {zeroshot_chance(result):.3f} |")
     return lines + [""]
 
 
