@@ -9,11 +9,15 @@ from prunekit.evaluate import measure_speed, perplexity
 
 def measure(model, tokenizer, text, args) -> dict:
     """``{"speed": ...}`` with ``args.speed`` (median of ``args.repeats``), else WikiText-2 ``{"ppl": ...}`` at
-    seqlen 512 over ``args.max_windows`` windows (0: the full split)."""
+    seqlen 512 over ``args.max_windows`` windows (0: the full split), plus ``"ppl_full"`` over the full split
+    when ``args.full_split`` is set (so one pruned model fills both columns of a table)."""
     if args.speed:
         return {"speed": measure_speed(model, repeats=args.repeats).to_dict()}
     windows = args.max_windows or None
-    return {"ppl": perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl}
+    row = {"ppl": perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False).ppl}
+    if getattr(args, "full_split", False) and windows is not None:
+        row["ppl_full"] = perplexity(model, tokenizer, text, seqlen=512, progress=False).ppl
+    return row
 
 
 def save(path, results) -> None:

@@ -46,6 +46,7 @@ def main():
     parser.add_argument("--target", type=float, default=0.2)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--full-split", action="store_true", help="also measure the full split (ppl_full)")
     parser.add_argument("--runs", nargs="*", default=list(RUNS))
     parser.add_argument("--speed", action="store_true", help="measure speed instead of perplexity")
     parser.add_argument("--repeats", type=int, default=5)
@@ -67,6 +68,8 @@ def main():
         windows = args.max_windows or None
         dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
         results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model)}
+        if args.full_split and windows is not None:
+            results["dense"]["ppl_full"] = perplexity(model, tokenizer, text, seqlen=512, progress=False).ppl
         print(f"dense ppl {dense.ppl:.3f} params {parameter_counts(model)}", flush=True)
     for name in args.runs:
         for round_to in args.round_to:
