@@ -19,8 +19,11 @@ def shape_text(blocks: list[list[int]]) -> str:
     mlp = [b[0] for b in blocks]
     heads = [b[1] for b in blocks]
     kv = [b[2] for b in blocks]
-    kv_text = f"{min(kv)}–{max(kv)}" if min(kv) != max(kv) else f"{kv[0]}"
-    return f"per block: MLP {min(mlp)}–{max(mlp)}, q {min(heads)}–{max(heads)}, KV {kv_text}"
+    return f"per block: MLP {span(mlp)}, q {span(heads)}, KV {span(kv)}"
+
+
+def span(values: list[int]) -> str:
+    return f"{min(values)}–{max(values)}" if min(values) != max(values) else f"{values[0]}"
 
 
 def run_columns(name: str) -> tuple[str, str, str]:
