@@ -23,7 +23,7 @@ from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
-from prunekit.evaluate import measure_speed, perplexity
+from prunekit.evaluate import measure_speed
 from prunekit.methods import WidthConfig, prune
 from prunekit.methods.width import RECIPES
 from prunekit.models import parameter_counts
@@ -65,12 +65,8 @@ def main():
         results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
         print(f"dense: {results['dense_speed']}", flush=True)
     elif not args.no_dense:
-        windows = args.max_windows or None
-        dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
-        results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model)}
-        if args.full_split and windows is not None:
-            results["dense"]["ppl_full"] = perplexity(model, tokenizer, text, seqlen=512, progress=False).ppl
-        print(f"dense ppl {dense.ppl:.3f} params {parameter_counts(model)}", flush=True)
+        results["dense"] = {**measure(model, tokenizer, text, args), "params": parameter_counts(model)}
+        print(f"dense {results['dense']}", flush=True)
     for name in args.runs:
         for round_to in args.round_to:
             key = name if len(args.round_to) == 1 else f"{name} round-to {round_to}"
