@@ -61,6 +61,8 @@ WORDS = [
 ]
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 WIKITEXT_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
+# the text prunekit evaluates: the hub builder's rows ("" for a blank line) joined with "\n\n"
+WIKITEXT_TEST_JOINED_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
 
 
 def corpus(n_words: int = 600, seed: int = 0) -> str:
@@ -280,7 +282,10 @@ def test_load_text_wikitext2_reads_the_shared_copy(monkeypatch):
     assert "\r" not in body and body.endswith("\n")
     lines = [line + "\n" for line in body.split("\n")[:-1]]  # newline kept, split on "\n" only
     assert len(lines) == 4358
-    assert text.text == "\n\n".join(lines)
+    rows = [line if line.strip() else "" for line in lines]  # the hub builder yields "" for a blank line
+    assert rows.count("") > 1000
+    assert text.text == "\n\n".join(rows)
+    assert text.sha256 == WIKITEXT_TEST_JOINED_SHA256
 
 
 def test_prunekit_data_folder_is_searched_first(tmp_path, monkeypatch):
@@ -290,7 +295,7 @@ def test_prunekit_data_folder_is_searched_first(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNEKIT_DATA", str(tmp_path))
     text = load_text("wikitext2-valid")
     assert text.origin == str(folder / "wiki.valid.raw")
-    assert text.text == " \n\n\n = Title = \n\n\n body line \n"
+    assert text.text == "\n\n = Title = \n\n\n body line \n"  # the blank first row is "", as on the hub
 
 
 def test_missing_wikitext_without_datasets_is_one_line_naming_prunekit_data(tmp_path, monkeypatch):

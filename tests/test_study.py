@@ -25,7 +25,7 @@ def tiny_study(tmp_path, **overrides) -> StudyConfig:
     corpus = str(tmp_path / "corpus.txt")
     settings = dict(model=str(folder), methods=("width", "depth", "slicegpt", "wanda"), ratios=(0.25,), calib=corpus,
                     nsamples=4, calib_seqlen=16, eval_data=corpus, eval_seqlen=16, max_windows=2, train_data=corpus,
-                    train_seqlen=16, prompt_tokens=8, new_tokens=4, repeats=1)  # fmt: skip
+                    train_seqlen=16, prompt_tokens=8, new_tokens=4, repeats=3, progress=False)  # fmt: skip
     return StudyConfig(**{**settings, **overrides})
 
 
@@ -43,10 +43,22 @@ def test_study_measures_every_point_and_writes_report_and_plot(tmp_path):
     assert "| width 25% |" in (out / "report.md").read_text()
     assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
 
+    wanda = by_point["wanda 25%"]  # every point is timed interleaved with dense: median ratio, quartiles, a flag
+    assert wanda["prefill_speedup_q1"] <= wanda["prefill_speedup"] <= wanda["prefill_speedup_q3"]
+    assert isinstance(wanda["decode_speedup_readable"], bool)
+    assert by_point["dense"]["prefill_speedup"] == 1.0
+    assert saved["points"][0]["speed"]["settings"]["interleaved"]
+    assert (out / "points" / "width-0.25" / "config.json").is_file()  # the point's model, kept for re-timing
+
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points").glob("*.json")}
-    extended = run_study(tiny_study(tmp_path, ratios=(0.25, 0.5)), out, progress=lambda line: None)
+    lines = []
+    extended = run_study(tiny_study(tmp_path, ratios=(0.25, 0.5)), out, progress=lines.append)
     assert len(extended.points) == 8
     assert all((out / "points" / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items())  # reused
+    # a cached point keeps its quality figures but is timed again beside dense in the new run
+    assert not any(line.startswith("wanda 0.25: pruning") for line in lines)
+    assert any(line.startswith("wanda-0.25: prefill") for line in lines)
+    assert [p["ppl"] for p in extended.points if p["ratio"] == 0.25] == [p["ppl"] for p in result.points]
 
 
 def test_study_with_recovery_adds_recovered_points(tmp_path):

@@ -18,6 +18,7 @@ from typing import Optional
 import typer
 
 from prunekit.errors import PrunekitError
+from prunekit.methods import calibration_defaults
 from prunekit.recover.train import LLM_PRUNER_TARGETS
 from prunekit.study import METHODS as STUDY_METHODS
 
@@ -151,11 +152,18 @@ def prune(
     intermediate_size: Optional[int] = typer.Option(None, help="width: MLP neurons to keep per block."),
     num_heads: Optional[int] = typer.Option(None, help="width: query heads to keep per block."),
     importance: Optional[str] = typer.Option(
-        None, help="width: magnitude-l1, magnitude-l2, wanda-sp, activation, fluctuation (FLAP), taylor, random."
+        None,
+        help="width: activation (default: Minitron's activation norms, the best measured), magnitude-l1, "
+        "magnitude-l2, wanda-sp, fluctuation (FLAP), taylor, random.",
     ),
     taylor: Optional[str] = typer.Option(None, help="width taylor: element, vector, second or mix (LLM-Pruner)."),
     aggregation: Optional[str] = typer.Option(None, help="width: join a group's members (sum, mean, max, prod, last)."),
-    allocation: Optional[str] = typer.Option(None, help="width: 'uniform' shapes or 'global' ranking (FLAP)."),
+    allocation: Optional[str] = typer.Option(
+        None,
+        help="width: 'uniform' (default: every block the same shape, a plain folder stock transformers loads) or "
+        "'global' (FLAP's ranking across blocks: the best measured quality, per-block shapes that prunekit.load "
+        "rebuilds).",
+    ),
     layers: Optional[str] = typer.Option(None, help="width: blocks to prune as start:end, e.g. 4:-2 (others kept)."),
     bias_compensation: Optional[bool] = typer.Option(
         None, "--bias-compensation/--no-bias-compensation", help="width: FLAP's bias compensation."
@@ -163,7 +171,9 @@ def prune(
     recipe: Optional[str] = typer.Option(
         None, help="width: a published setting, 'llm-pruner' or 'flap' (options given explicitly win)."
     ),
-    gqa: Optional[str] = typer.Option(None, help="width: 'kv-groups' (remove whole KV groups) or 'query-even'."),
+    gqa: Optional[str] = typer.Option(
+        None, help="width, with --prune-heads: 'query-even' (default) or 'kv-groups' (remove whole KV groups)."
+    ),
     round_to: Optional[int] = typer.Option(
         None, help="width: round the MLP width down to a multiple (8); slicegpt: round the hidden size (8)."
     ),
@@ -173,9 +183,13 @@ def prune(
     orientation: Optional[str] = typer.Option(
         None, help="slicegpt: 'pca' (default) or 'random' (a random turn of each kept subspace)."
     ),
-    prune_heads: Optional[bool] = typer.Option(None, "--prune-heads/--no-prune-heads", help="width: may heads go?"),
+    prune_heads: Optional[bool] = typer.Option(
+        None, "--prune-heads/--no-prune-heads", help="width: may attention heads go too? (default: MLP neurons only)"
+    ),
     criterion: Optional[str] = typer.Option(
-        None, help="depth: ppl (default), taylor (Taylor+), magnitude, block-influence (ShortGPT), angular (Gromov)."
+        None,
+        help="depth: block-influence (default; ShortGPT, the best measured), ppl, taylor (Taylor+), magnitude, "
+        "angular (Gromov).",
     ),
     remove: Optional[int] = typer.Option(None, help="depth: blocks (or sub-layers, with --unit) to remove."),
     unit: Optional[str] = typer.Option(
@@ -210,10 +224,10 @@ def prune(
         None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file, hf:DATASET?...)."
     ),
     nsamples: Optional[int] = typer.Option(
-        None, help="Calibration samples (128; depth: 10; slicegpt: 64; a recipe may set its own)."
+        None, help="Calibration samples (64; depth: 10; a recipe may set its own)."
     ),
     seqlen: Optional[int] = typer.Option(
-        None, help="Calibration sample length in tokens (2048; depth: 128; slicegpt: 512; or the recipe's)."
+        None, help="Calibration sample length in tokens (512; depth: 128; or the recipe's)."
     ),
     seed: int = typer.Option(0, help="Calibration sampling seed."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Measure perplexity before and after on this data."),
@@ -251,10 +265,11 @@ def prune(
         layers=layers,
         bias_compensation=bias_compensation,
         gqa=gqa,
+        prune_heads=prune_heads,
     )
     if recipe is not None:
         options, calib, nsamples, seqlen = apply_recipe(method, recipe, options, calib, nsamples, seqlen)
-    default_samples, default_seqlen = calibration_defaults(method)
+    default_samples, default_seqlen = calibration_defaults(_config_class(method))
     nsamples, seqlen = nsamples or default_samples, seqlen or default_seqlen
     method_config = method_config_from_options(
         method,
@@ -266,7 +281,6 @@ def prune(
         round_to=round_to,
         slice=slice_fraction,
         orientation=orientation,
-        prune_heads=prune_heads,
         nm=nm,
         order=order,
         scope=scope,
@@ -332,21 +346,17 @@ def apply_recipe(method: str, recipe: str, options: dict, calib, nsamples, seqle
     return merged, calib or chosen.calib, nsamples or chosen.nsamples, seqlen or chosen.seqlen
 
 
-def calibration_defaults(method: str) -> tuple[int, int]:
-    """Calibration samples and length when not given: the method's own (depth: 10 x 128), else 128 x 2048."""
-    from prunekit.methods import CONFIGS
-
-    return getattr(CONFIGS.get(method), "calibration_defaults", (128, 2048))
-
-
-def method_config_from_options(method: str, **options):
-    """The method's config from the options the user set; an option the method does not take is an error."""
-
+def _config_class(method: str):
     from prunekit.methods import CONFIGS
 
     if method not in CONFIGS:
         raise PrunekitError(f"unknown --method {method!r}; available: {', '.join(CONFIGS)}")
-    cls = CONFIGS[method]
+    return CONFIGS[method]
+
+
+def method_config_from_options(method: str, **options):
+    """The method's config from the options the user set; an option the method does not take is an error."""
+    cls = _config_class(method)
     accepted = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in options.items() if v not in (None, [])}
     for name in given.keys() - accepted:
@@ -508,7 +518,9 @@ def recover(
     seqlen: int = typer.Option(512, help="Training sequence length (text is packed into windows of it)."),
     steps: int = typer.Option(100, help="Optimizer steps (all phases)."),
     batch_size: int = typer.Option(8, help="Examples per optimizer step, over all processes."),
-    micro_batch: Optional[int] = typer.Option(None, help="Examples per forward pass (gradient accumulation)."),
+    micro_batch: Optional[int] = typer.Option(
+        None, help="Examples per forward pass; the rest of a step is gradient accumulation (default 2: bounded memory)."
+    ),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (LoRA 1e-4, full training 2e-5)."),
     warmup_steps: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay (10%)."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
@@ -661,19 +673,24 @@ def bench(
     batch_sizes: str = typer.Option("1", help="Batch sizes, comma-separated."),
     prompt_lengths: str = typer.Option("512", help="Prompt lengths in tokens, comma-separated."),
     new_tokens: int = typer.Option(64, help="Greedy tokens generated per decode measurement (forced)."),
-    repeats: int = typer.Option(5, help="Measurements per setting after one warm-up; the median is reported."),
+    repeats: int = typer.Option(
+        5, help="Interleaved rounds per setting after one warm-up round; medians and quartiles are reported."
+    ),
+    threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads for the timing (default: torch's)."),
     device: str = typer.Option("auto", help="cpu, cuda, ... or auto."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ):
-    """Prefill latency, decode tokens/s, memory, parameters and MACs per token, all models in one run,
-    as ratios to the first."""
+    """Prefill latency, decode tokens/s, memory, parameters and MACs per token, all models timed
+    interleaved in one run; speed-ups over the first as medians of per-round ratios with their quartiles."""
     from prunekit.evaluate.bench import benchmark
     from prunekit.loading import load
 
     sizes, lengths = _integers(batch_sizes, "--batch-sizes"), _integers(prompt_lengths, "--prompt-lengths")
     models = {name: load(name, dtype=dtype, device=_device(device))[0] for name in dict.fromkeys(model)}
-    result = benchmark(models, sizes, lengths, new_tokens, repeats, progress=lambda row: log.info("%s", row))
+    if threads is not None and threads < 1:
+        raise PrunekitError(f"--threads must be at least 1, got {threads}")
+    result = benchmark(models, sizes, lengths, new_tokens, repeats, lambda row: log.info("%s", row), threads)
     typer.echo(format_bench(result))
     _write_json(json_out, {**result.to_dict(), "ratios": result.ratios()})
 
@@ -686,6 +703,8 @@ def _integers(text: str, flag: str) -> list[int]:
 
 
 def format_bench(result) -> str:
+    from prunekit.evaluate import Ratio
+
     lines = ["model | params (non-emb) | weights MB | MACs/token (prefill, longest prompt)"]
     for name, facts in result.models.items():
         longest = max(facts.prefill_macs_per_token)
@@ -693,11 +712,14 @@ def format_bench(result) -> str:
             f"{name} | {facts.params['total']:,} ({facts.params['non_embedding']:,}) | {facts.weights_mb:.1f} | "
             f"{facts.prefill_macs_per_token[longest] / 1e6:.1f}M"
         )
-    lines.append("model | batch x prompt | prefill ms | speed-up | decode tok/s | speed-up")
-    for row in result.ratios():
+    threads = result.speed[0]["threads"] if result.speed else "?"
+    lines.append(
+        f"model | batch x prompt | prefill ms | speed-up [q1-q3] | decode tok/s | speed-up [q1-q3]  ({threads} threads)"
+    )
+    for row in result.speed:
         lines.append(
             f"{row['model']} | {row['batch_size']} x {row['prompt_tokens']} | {row['prefill_ms']:.1f} | "
-            f"{row['prefill_speedup']:.2f}x | {row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x"
+            f"{Ratio(**row['prefill'])} | {row['decode_tokens_per_s']:.1f} | {Ratio(**row['decode'])}"
         )
     return "\n".join(lines)
 
@@ -747,8 +769,11 @@ def study(
     task_limit: Optional[int] = typer.Option(None, help="First N items of each zero-shot task."),
     train_data: str = typer.Option("c4", help="Recovery training text."),
     prompt_tokens: int = typer.Option(512, help="Speed: prompt length."),
-    new_tokens: int = typer.Option(32, help="Speed: greedy tokens generated."),
-    repeats: int = typer.Option(3, help="Speed: measurements per model (median)."),
+    new_tokens: int = typer.Option(32, help="Speed: greedy tokens generated, each timed."),
+    repeats: int = typer.Option(
+        5, help="Speed: interleaved rounds of each point against dense (median ratio and quartiles)."
+    ),
+    threads: Optional[int] = typer.Option(None, help="Speed: intra-op CPU threads while timing (default: torch's)."),
     seed: int = typer.Option(0, help="Calibration and training seed."),
 ):
     """Prune the model with every method at every ratio (optionally recover), measure perplexity,
@@ -776,6 +801,7 @@ def study(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         repeats=repeats,
+        threads=threads,
     )
     if recover is not None:
         from prunekit.recover import RecoverConfig
@@ -822,7 +848,7 @@ def demo(
         max_windows=max_windows,
         prompt_tokens=256,
         new_tokens=16,
-        repeats=2,
+        repeats=5,
     )
     _run_study(config, out)
 

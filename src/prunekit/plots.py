@@ -70,9 +70,11 @@ def _method_curves(ax, rows: list[dict], xk: str, yk: str, colours: dict) -> Non
 
 
 def study_png(rows: list[dict], title: str, chance: float | None = None) -> bytes:
-    """The study's four views in one figure: perplexity against size, prefill and decode speed, and
-    zero-shot accuracy against size (with the ``chance`` level of guessing); one colour per method,
-    hollow markers for recovered points, the Pareto front as a thick grey line."""
+    """The study's views in one figure: perplexity against size, prefill and decode speed, and (when
+    measured) zero-shot accuracy against size with the ``chance`` level of guessing; one colour per
+    method, hollow markers for recovered points, the Pareto front as a thick grey line. Speed-ups carry
+    their interquartile range as a bar; a ratio too spread to read is drawn grey with a "?" and left out
+    of the front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,21 +82,26 @@ def study_png(rows: list[dict], title: str, chance: float | None = None) -> byte
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=110)
-    for ax, (xk, xl, x_high, yk, yl, y_high) in zip(axes.flat, PANELS, strict=True):
+    panels = [p for p in PANELS if any(r.get(p[3]) is not None for r in rows)]  # no empty panel
+    shape = (2, 2) if len(panels) == 4 else (1, len(panels))
+    fig, axes = plt.subplots(*shape, figsize=(11, 8) if len(panels) == 4 else (5.5 * len(panels), 4.6), dpi=110,
+                             squeeze=False)  # fmt: skip
+    for ax, (xk, xl, x_high, yk, yl, y_high) in zip(axes.flat, panels, strict=True):
         usable = [r for r in rows if r.get(yk) is not None]
-        if not usable:
-            ax.text(0.5, 0.5, f"no {yl} measured", ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
-            continue
+        readable = [r for r in usable if r.get(f"{xk}_readable", True)]
         for r in usable:
-            face = "none" if r["recovered"] else colours[r["method"]]
-            ax.scatter(r[xk], r[yk], s=40, edgecolors=colours[r["method"]], facecolors=face, zorder=3)
-            ax.annotate(r["point"].split(" ", 1)[-1] if r["method"] != "dense" else "dense", (r[xk], r[yk]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
-        _method_curves(ax, usable, xk, yk, colours)
-        front = pareto([(r[xk], r[yk]) for r in usable], x_high, y_high)
-        ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=2.5, alpha=0.4, zorder=1, label="Pareto front")
+            colour = colours[r["method"]] if r in readable else "grey"
+            face = "none" if r["recovered"] else colour
+            if f"{xk}_q1" in r:  # the interquartile range of the per-round speed ratios
+                ax.plot([r[f"{xk}_q1"], r[f"{xk}_q3"]], [r[yk], r[yk]], color=colour, lw=1, alpha=0.6, zorder=2)
+            ax.scatter(r[xk], r[yk], s=40, edgecolors=colour, facecolors=face, zorder=3)
+            label = r["point"].split(" ", 1)[-1] if r["method"] != "dense" else "dense"
+            ax.annotate(label + ("" if r in readable else " ?"), (r[xk], r[yk]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        _method_curves(ax, readable, xk, yk, colours)
+        front = pareto([(r[xk], r[yk]) for r in readable], x_high, y_high)
+        if front:
+            ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=2.5, alpha=0.4, zorder=1)
         if yk == "ppl":  # perplexities span orders of magnitude: log scale, plain numbers
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 3, 5, 7)))
@@ -110,9 +117,10 @@ def study_png(rows: list[dict], title: str, chance: float | None = None) -> byte
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[m], label=m) for m in methods]
     handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", color="black", label="recovered"))
     handles.append(plt.Line2D([], [], ls="--", color="grey", lw=2.5, alpha=0.4, label="Pareto front"))
+    handles.append(plt.Line2D([], [], marker="o", ls="-", color="grey", label="speed spread too wide (?)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 if len(panels) < 4 else 0.04, 1, 0.95))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

@@ -1,11 +1,14 @@
 """The study: which way of shrinking a model costs least quality for the size and speed it gains.
 
-For every method and ratio: prune the model (optionally recover it), then measure perplexity, zero-shot
-accuracy (when tasks are given) and speed, with the dense model measured in the same run. Each finished
-point is a JSON file under ``<out>/points/``, keyed by everything that produced it, so an interrupted or
-extended study only runs what is missing. The study writes ``results.json`` (every point and its
-provenance), ``report.md`` (the headline table) and ``study.png`` (perplexity against parameters, prefill
-latency and decode speed, and zero-shot accuracy against parameters; Pareto fronts marked).
+For every method and ratio: prune the model (optionally recover it), then measure perplexity and zero-shot
+accuracy (when tasks are given), and save the pruned model. Each finished point is a JSON file and a model
+folder under ``<out>/points/``, keyed by everything that produced it, so an interrupted or extended study
+only prunes what is missing. Speed is never taken from cache: at the end of every run each point's saved
+model is timed interleaved with the dense model in this process (``compare_speed``), and its speed-ups
+are the medians of per-round ratios with their quartiles; a ratio too spread to read is flagged. The
+study writes ``results.json`` (every point and its provenance), ``report.md`` (the headline table) and
+``study.png`` (perplexity against parameters, prefill and decode speed-up, and zero-shot accuracy against
+parameters when tasks were given; Pareto fronts marked).
 
 What a ratio means per method: the fraction of non-embedding parameters removed for ``width``,
 ``width-mlp`` and ``depth``; the sparsity for ``wanda``, ``sparsegpt`` and ``magnitude`` (their dense
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,8 +40,8 @@ def _method_configs() -> dict[str, Callable[[float], object]]:
     from prunekit.methods import DepthConfig, MagnitudeConfig, SliceGPTConfig, SparseGPTConfig, WandaConfig, WidthConfig
 
     return {  # the best configuration of each kind measured in BENCHMARKS.md that prunes in minutes on a CPU
-        "width": lambda r: WidthConfig(r, importance="wanda-sp", gqa="query-even", allocation="global"),
-        "width-mlp": lambda r: WidthConfig(r, importance="fluctuation", prune_heads=False),
+        "width": lambda r: WidthConfig(r, importance="activation", prune_heads=False, allocation="global"),
+        "width-mlp": lambda r: WidthConfig(r, importance="activation", prune_heads=False, allocation="uniform"),
         "depth": lambda r: DepthConfig(criterion="block-influence", target_params=r),
         "slicegpt": lambda r: SliceGPTConfig(slice=r),
         "wanda": lambda r: WandaConfig(sparsity=r),
@@ -71,7 +75,9 @@ class StudyConfig:
     train_seqlen: int = 256
     prompt_tokens: int = 512
     new_tokens: int = 32
-    repeats: int = 3
+    repeats: int = 5  # interleaved speed rounds per point, after one warm-up round
+    threads: int | None = None  # intra-op threads while timing (None: torch's setting); recorded either way
+    progress: bool = True  # progress bars for pruning and perplexity
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -79,6 +85,10 @@ class StudyConfig:
             raise PrunekitError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
             raise PrunekitError(f"--ratios must be fractions in (0, 1), got {list(self.ratios)}")
+        if self.repeats < 3:
+            raise PrunekitError(f"--repeats must be at least 3 (a spread needs rounds to compare), got {self.repeats}")
+        if self.threads is not None and self.threads < 1:
+            raise PrunekitError(f"--threads must be at least 1, got {self.threads}")
 
     def points(self) -> list[tuple[str, float, str | None]]:
         recover = [None, self.recover] if self.recover else [None]
@@ -100,7 +110,8 @@ class StudyResult:
 
 
 def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], None] = log.info) -> StudyResult:
-    """Run every missing point of ``config``, then write the results, the report and the plots to ``out``."""
+    """Run every missing point of ``config``, time every point against dense, then write the results,
+    the report and the plots to ``out``."""
     from prunekit.data import load_text
     from prunekit.loading import load
 
@@ -110,40 +121,44 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
     text = load_text(config.eval_data)
     dense, tokenizer = load(config.model)
     provenance = _provenance(config, text)
-    progress(f"dense {config.model}: measuring")
+    progress(f"dense {config.model}: perplexity{' and zero-shot' if config.tasks else ''}")
     dense_path, dense_key = out / "points" / "dense.json", _key(provenance, "dense")
     dense_row = _cached(dense_path, dense_key, lambda: _measure(dense, tokenizer, text, config))
     result = StudyResult(provenance, dense_row)
+    names = []
     for method, ratio, recover in config.points():
         name = f"{method}-{ratio:g}" + (f"+{recover}" if recover else "")
         path = out / "points" / f"{name}.json"
 
-        def compute(m=method, r=ratio, rec=recover):
-            return _point(config, m, r, rec, text)
+        def compute(m=method, r=ratio, rec=recover, folder=path.with_suffix("")):
+            progress(f"{m} {r:g}{' + ' + rec if rec else ''}: pruning" + (" and recovering" if rec else ""))
+            return _point(config, m, r, rec, text, folder)
 
-        result.points.append(_cached(path, _key(provenance, name), compute))
-        progress(f"{name}: {_summary(result.points[-1], dense_row)}")
-    _speed_baseline(result, dense, config)
+        result.points.append(_cached(path, _key(provenance, name), compute, model_folder=path.with_suffix("")))
+        names.append(name)
+        progress(f"{name}: {_quality_summary(result.points[-1], dense_row)}")
+    _time_points(result, names, dense, out / "points", config, progress)
     result.seconds = time.perf_counter() - start
     write_outputs(result, out)
     return result
 
 
-def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, text) -> dict:
+def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, text, folder: Path) -> dict:
     from prunekit.data import calibration
+    from prunekit.io import build_manifest, save_pruned
     from prunekit.loading import load
-    from prunekit.methods import prune
+    from prunekit.methods import calibration_defaults, prune
     from prunekit.sequential import EngineConfig
 
     model, tokenizer = load(config.model)
     method_config = _method_configs()[method](ratio)
-    samples, seqlen = getattr(type(method_config), "calibration_defaults", (64, 512))
+    samples, seqlen = calibration_defaults(method_config)
     samples, seqlen = config.nsamples or samples, config.calib_seqlen or seqlen
     calib = None
     if method_config.needs_calibration:
         calib = calibration(tokenizer, config.calib, samples, seqlen, config.seed)
     started = time.perf_counter()
-    engine = EngineConfig(progress=False, batch_size=min(8, samples))
+    engine = EngineConfig(progress=config.progress, batch_size=min(8, samples))
     prune(model, method_config, calib, engine)
     row = {
         "method": method,
@@ -155,7 +170,13 @@ def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, 
     }
     if recover:
         row["recovery"] = _recover(model, tokenizer, config, recover, method in SPARSE)
-    return {**row, **_measure(model, tokenizer, text, config)}
+    row = {**row, **_measure(model, tokenizer, text, config)}
+    manifest = build_manifest(
+        source=config.model, source_folder=None, method=method, method_config=row["method_config"],
+        calibration=row["calibration"], metrics={"study_point": {k: row[k] for k in ("ratio", "recover", "ppl")}},
+    )  # fmt: skip
+    save_pruned(model, tokenizer, folder, manifest, overwrite=True)  # kept: every run times it against dense
+    return row
 
 
 def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> dict:
@@ -171,7 +192,7 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
         from prunekit.loading import load
 
         teacher = load(config.model)[0]
-    _, report = recover(model, data, settings, teacher=teacher, progress=False)
+    _, report = recover(model, data, settings, teacher=teacher, progress=config.progress)
     return {
         "mode": mode,
         "steps": settings.steps,
@@ -183,14 +204,15 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
 
 
 def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
-    from prunekit.evaluate import measure_speed, perplexity
+    """The quality figures of one model (cached with its point); speed is timed apart, against dense."""
+    from prunekit.evaluate import perplexity
     from prunekit.models import parameter_counts
 
+    ppl = perplexity(model, tokenizer, text, config.eval_seqlen, config.max_windows, progress=config.progress)
     row = {
         "params": parameter_counts(model),
         "nonzero_non_embedding": _nonzero_non_embedding(model),
-        "ppl": perplexity(model, tokenizer, text, config.eval_seqlen, config.max_windows, progress=False).ppl,
-        "speed": measure_speed(model, config.prompt_tokens, config.new_tokens, repeats=config.repeats).to_dict(),
+        "ppl": ppl.ppl,
     }
     if config.tasks:
         from prunekit.evaluate.zeroshot import evaluate_zeroshot
@@ -199,13 +221,46 @@ def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
     return row
 
 
-def _speed_baseline(result: StudyResult, dense, config: StudyConfig) -> None:
-    """Measure the dense model's speed again now: every point's speed is reported against both
-    measurements' mean, so a clock that drifted over the study shows as their difference."""
-    from prunekit.evaluate import measure_speed
+def _time_points(result: StudyResult, names: list[str], dense, folder: Path, config: StudyConfig, progress) -> None:
+    """Time every point's saved model interleaved with the dense model (never from cache: speed ratios
+    only mean something when both models ran under the same load). The dense row's absolute figures
+    are the medians of its timings over all comparisons."""
+    from prunekit.evaluate import compare_speed
+    from prunekit.loading import load
 
-    again = measure_speed(dense, config.prompt_tokens, config.new_tokens, repeats=config.repeats).to_dict()
-    result.dense["speed_after"] = again
+    dense_prefill, dense_decode = [], []
+    for name, point in zip(names, result.points, strict=True):
+        model, _ = load(folder / name)
+        comparison = compare_speed(
+            {"dense": dense, name: model}, config.prompt_tokens, config.new_tokens, rounds=config.repeats,
+            threads=config.threads,
+        )  # fmt: skip
+        del model
+        timed = comparison.models[name]
+        point["speed"] = {
+            **timed.to_dict(),
+            "prefill_speedup": asdict(comparison.prefill_speedup[name]),
+            "decode_speedup": asdict(comparison.decode_speedup[name]),
+            "dense": comparison.models["dense"].to_dict(),
+            "settings": comparison.settings,
+        }
+        dense_prefill.append(comparison.models["dense"].prefill_ms)
+        dense_decode.append(comparison.models["dense"].decode_tokens_per_s)
+        progress(
+            f"{name}: prefill {comparison.prefill_speedup[name]}, decode {comparison.decode_speedup[name]} "
+            f"(interleaved with dense, {timed.threads} threads)"
+        )
+    one = {"median": 1.0, "q1": 1.0, "q3": 1.0, "rounds": config.repeats, "readable": True}
+    if not names:  # no points: time dense alone so the row still has figures
+        alone = compare_speed({"dense": dense}, config.prompt_tokens, config.new_tokens, rounds=config.repeats,
+                              threads=config.threads).models["dense"]  # fmt: skip
+        dense_prefill, dense_decode = [alone.prefill_ms], [alone.decode_tokens_per_s]
+    result.dense["speed"] = {
+        "prefill_ms": statistics.median(dense_prefill),
+        "decode_tokens_per_s": statistics.median(dense_decode),
+        "prefill_speedup": one,
+        "decode_speedup": one,
+    }
 
 
 def _nonzero_non_embedding(model) -> int:
@@ -217,9 +272,10 @@ def _nonzero_non_embedding(model) -> int:
     return parameter_counts(model)["non_embedding"] - zeros
 
 
-def _cached(path: Path, key: str, compute: Callable[[], dict]) -> dict:
-    """The point at ``path`` when it was made with the same ``key``; else computed and saved atomically."""
-    if path.is_file():
+def _cached(path: Path, key: str, compute: Callable[[], dict], model_folder: Path | None = None) -> dict:
+    """The point at ``path`` when it was made with the same ``key`` (and its saved model is there);
+    else computed and saved atomically."""
+    if path.is_file() and (model_folder is None or (model_folder / "config.json").is_file()):
         try:
             saved = json.loads(path.read_text())
             if saved.get("key") == key:
@@ -267,12 +323,10 @@ def _provenance(config: StudyConfig, text) -> dict:
     }
 
 
-def _summary(point: dict, dense: dict) -> str:
-    speed, base = point["speed"], dense["speed"]
+def _quality_summary(point: dict, dense: dict) -> str:
     return (
         f"non-zero params {point['nonzero_non_embedding'] / dense['params']['non_embedding']:.0%} of dense, "
-        f"ppl {point['ppl']:.2f} (dense {dense['ppl']:.2f}), prefill {base['prefill_ms'] / speed['prefill_ms']:.2f}x, "
-        f"decode {speed['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x"
+        f"ppl {point['ppl']:.2f} (dense {dense['ppl']:.2f})"
     )
 
 
@@ -282,12 +336,11 @@ def _summary(point: dict, dense: dict) -> str:
 def table_rows(result: StudyResult) -> list[dict]:
     """One row per point with the derived figures the report and the plots use."""
     dense = result.dense
-    base_prefill = (dense["speed"]["prefill_ms"] + dense["speed_after"]["prefill_ms"]) / 2
-    base_decode = (dense["speed"]["decode_tokens_per_s"] + dense["speed_after"]["decode_tokens_per_s"]) / 2
     rows = []
     for point in [{"method": "dense", "ratio": 0.0, "recover": None, **dense}, *result.points]:
         size = point["nonzero_non_embedding"] if point["method"] in SPARSE else point["params"]["non_embedding"]
         zeroshot = point.get("zeroshot", {}).get("mean_acc")
+        speed = point["speed"]
         rows.append(
             {
                 "point": point["method"]
@@ -299,14 +352,20 @@ def table_rows(result: StudyResult) -> list[dict]:
                 "non_embedding_params": size,
                 "params_share": size / dense["params"]["non_embedding"],
                 "ppl": point["ppl"],
-                "prefill_ms": point["speed"]["prefill_ms"],
-                "prefill_speedup": base_prefill / point["speed"]["prefill_ms"],
-                "decode_tokens_per_s": point["speed"]["decode_tokens_per_s"],
-                "decode_speedup": point["speed"]["decode_tokens_per_s"] / base_decode,
+                "prefill_ms": speed["prefill_ms"],
+                "decode_tokens_per_s": speed["decode_tokens_per_s"],
+                **_speedup_fields("prefill_speedup", speed["prefill_speedup"]),
+                **_speedup_fields("decode_speedup", speed["decode_speedup"]),
                 "zeroshot_avg": zeroshot,
             }
         )
     return rows
+
+
+def _speedup_fields(key: str, ratio: dict) -> dict:
+    """The median ratio under ``key``, its quartiles and whether it can be read (for the table and the plot)."""
+    quartiles = {f"{key}_q1": ratio["q1"], f"{key}_q3": ratio["q3"], f"{key}_readable": ratio["readable"]}
+    return {key: ratio["median"], **quartiles}
 
 
 def write_outputs(result: StudyResult, out: Path) -> None:
@@ -319,25 +378,39 @@ def write_outputs(result: StudyResult, out: Path) -> None:
     (out / "study.png").write_bytes(study_png(rows, title=title, chance=zeroshot_chance(result)))
 
 
+def _speedup_cell(row: dict, key: str) -> str:
+    cell = f"{row[key]:.2f}x [{row[key + '_q1']:.2f}–{row[key + '_q3']:.2f}]"
+    return cell if row[key + "_readable"] else cell + " ⚠"
+
+
 def markdown_report(result: StudyResult, rows: list[dict]) -> str:
     settings = result.provenance["settings"]
     windows = settings["max_windows"] or "all"
+    eval_data = result.provenance["eval_data"]
+    timed = next((p["speed"]["settings"] for p in result.points), None)
+    threads = f", {timed['threads']} threads" if timed else ""
+    zeroshot_column = any(row["zeroshot_avg"] is not None for row in rows)
     lines = [
         f"# Study: {result.provenance['model']}",
         "",
-        f"Perplexity: {result.provenance['eval_data']['name']}, seqlen {settings['eval_seqlen']}, {windows} windows. "
-        f"Speed: 1 x {settings['prompt_tokens']} prefill and {settings['new_tokens']} greedy tokens, median of "
-        f"{settings['repeats']}, ratios to the dense model measured in the same run (before and after the points). "
-        "Sparse methods count non-zero weights and run dense kernels.",
+        f"Perplexity: {eval_data['name']} (text sha256 `{eval_data['sha256'][:12]}…`), seqlen "
+        f"{settings['eval_seqlen']}, {windows} windows. Speed: 1 x {settings['prompt_tokens']} prefill and "
+        f"{settings['new_tokens']} greedy tokens timed one by one after it; each point's saved model timed "
+        f"interleaved with the dense model in this run ({settings['repeats']} rounds after a warm-up{threads}); "
+        "speed-up = median of the per-round ratios [interquartile range]; ⚠ marks a spread wider than 10% of the "
+        "median (not a result: the machine's load changed too much). Sparse methods count non-zero weights and run "
+        "dense kernels.",
         "",
-        "| point | non-emb params | ppl | prefill speed-up | decode speed-up | zero-shot avg |",
-        "|---|---|---|---|---|---|",
+        "| point | non-emb params | ppl | prefill speed-up | decode speed-up |"
+        + (" zero-shot avg |" if zeroshot_column else ""),
+        "|---|---|---|---|---|" + ("---|" if zeroshot_column else ""),
     ]
     for row in rows:
-        zeroshot = f"{row['zeroshot_avg']:.3f}" if row["zeroshot_avg"] is not None else "—"
+        zeroshot = f" {row['zeroshot_avg']:.3f} |" if row["zeroshot_avg"] is not None else " — |"
         lines.append(
             f"| {row['point']} | {row['non_embedding_params'] / 1e6:.1f}M ({row['params_share']:.0%}) | "
-            f"{row['ppl']:.2f} | {row['prefill_speedup']:.2f}x | {row['decode_speedup']:.2f}x | {zeroshot} |"
+            f"{row['ppl']:.2f} | {_speedup_cell(row, 'prefill_speedup')} | {_speedup_cell(row, 'decode_speedup')} |"
+            + (zeroshot if zeroshot_column else "")
         )
     lines += ["", "![study](study.png)", ""]
     lines += _recovery_lines(result) + _zeroshot_lines(result, rows)

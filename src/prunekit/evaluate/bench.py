@@ -1,9 +1,9 @@
 """``prunekit bench``: speed, memory, size and compute of models measured side by side in one run.
 
-Every setting (batch size x prompt length) is measured for each model in turn before the next
-setting starts, so the slow drift of a shared machine's clock hits all models alike, and results
-are reported as ratios to the first model (the baseline). Speed comes from ``measure_speed``
-(gpt-fast's rules: warm-up excluded, device synced, medians). MACs are counted, not estimated:
+Every setting (batch size x prompt length) times all models interleaved, round by round
+(``compare_speed``), so a shared machine's changing load hits all models alike; results are the
+median per-round ratios to the first model (the baseline), with their interquartile range, and a
+ratio whose spread is too wide is flagged rather than reported as fact. MACs are counted, not estimated:
 ``torch.utils.flop_counter`` records every matmul of one forward (linears, attention, SliceGPT's
 shortcuts), halved to multiply-accumulates and divided by the tokens.
 """
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.evaluate.speed import measure_speed
+from prunekit.evaluate.speed import compare_speed
 from prunekit.models import parameter_counts
 
 
@@ -31,7 +31,7 @@ class ModelFacts:
 @dataclass
 class BenchResult:
     models: dict[str, ModelFacts]
-    speed: list[dict] = field(default_factory=list)  # one row per model and setting
+    speed: list[dict] = field(default_factory=list)  # one row per model and setting, with its ratios
     baseline: str = ""
     peak_rss_mb: float = 0.0  # the whole process (CPU); CUDA peaks are in the speed rows
 
@@ -39,19 +39,11 @@ class BenchResult:
         return asdict(self)
 
     def ratios(self) -> list[dict]:
-        """Each model's prefill speed-up and decode speed-up over the baseline, per setting."""
-        base = {(r["batch_size"], r["prompt_tokens"]): r for r in self.speed if r["model"] == self.baseline}
-        rows = []
-        for r in self.speed:
-            b = base[(r["batch_size"], r["prompt_tokens"])]
-            rows.append(
-                {
-                    **r,
-                    "prefill_speedup": b["prefill_ms"] / r["prefill_ms"],
-                    "decode_speedup": r["decode_tokens_per_s"] / b["decode_tokens_per_s"],
-                }
-            )
-        return rows
+        """Each model's prefill and decode speed-up over the baseline (medians of interleaved rounds), per setting."""
+        return [
+            {**r, "prefill_speedup": r["prefill"]["median"], "decode_speedup": r["decode"]["median"]}
+            for r in self.speed
+        ]
 
 
 @torch.no_grad()
@@ -106,8 +98,10 @@ def benchmark(
     new_tokens: int = 64,
     repeats: int = 5,
     progress=None,
+    threads: int | None = None,
 ) -> BenchResult:
-    """Measure ``models`` (name -> model; the first is the baseline) at every batch size and prompt length."""
+    """Measure ``models`` (name -> model; the first is the baseline) at every batch size and prompt length,
+    interleaved, ``repeats`` rounds each, with ``threads`` intra-op threads (None: torch's setting)."""
     if not models:
         raise PrunekitError("bench needs at least one model")
     if not batch_sizes or not prompt_lengths or min(*batch_sizes, *prompt_lengths) < 1:
@@ -116,10 +110,16 @@ def benchmark(
     result = BenchResult(facts, baseline=next(iter(models)))
     for batch in batch_sizes:
         for length in prompt_lengths:
-            for name, model in models.items():
-                speed = measure_speed(model, length, new_tokens, batch_size=batch, repeats=repeats)
-                result.speed.append({"model": name, **speed.to_dict()})
+            comparison = compare_speed(models, length, new_tokens, batch_size=batch, rounds=repeats, threads=threads)
+            for name in models:
+                row = {
+                    "model": name,
+                    **comparison.models[name].to_dict(),
+                    "prefill": asdict(comparison.prefill_speedup[name]),
+                    "decode": asdict(comparison.decode_speedup[name]),
+                }
+                result.speed.append(row)
                 if progress is not None:
-                    progress(result.speed[-1])
+                    progress(row)
     result.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
