@@ -7,8 +7,8 @@ and as many attention (or MLP) sub-layers as the block runs remove blocks. Calib
 sample, --nsamples x --seqlen (Shortened LLaMA's 10 x 128), seed 0, scored in one batch. The time each
 criterion takes is given as a ratio to one forward pass of the model over the same calibration
 batch, measured just before it. With --speed: prefill latency (1 x 512) and greedy decode tokens/s
-(64 new tokens), dense and pruned in the same run (median of --repeats after a warm-up), the dense
-model measured again at the end to show the clock's drift on a shared machine.
+(64 new tokens), each pruned model timed interleaved with the dense one (--repeats rounds after a warm-up; median
+per-round ratios with their quartiles).
 
     python benchmarks/depth.py --json benchmarks/results/depth-64.json
     python benchmarks/depth.py --runs "ppl attention one-shot, --remove N" "ppl mlp one-shot, --remove N" \
@@ -31,7 +31,7 @@ from common import measure, save
 from prunekit import load
 from prunekit.data import calibration, load_text
 from prunekit.depth_surgery import remove_blocks, remove_sublayer
-from prunekit.evaluate import measure_speed, perplexity
+from prunekit.evaluate import perplexity
 from prunekit.methods import DepthConfig, prune
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineConfig
@@ -98,8 +98,7 @@ def main():
             args.removals = {name: run["removed"] for name, run in json.load(fh)["runs"].items()}
         results["removal_from"] = args.removal_from
     if args.speed:
-        results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-        print(f"dense: {results['dense_speed']}", flush=True)
+        args.dense_model = model  # every pruned model is timed interleaved with it
     elif not args.no_dense:
         windows = args.max_windows or None
         dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=windows, progress=False)
@@ -116,10 +115,6 @@ def main():
             results["runs"][name] = run_one(args, name, target, calib, tokenizer, text)
         print(f"{name:36s} {results['runs'][name]}", flush=True)
         save(args.json, results)  # after every run: a benchmark killed half-way keeps what it measured
-    if args.speed:
-        model, _ = load(args.model)
-        results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
-        save(args.json, results)
 
 
 @torch.no_grad()

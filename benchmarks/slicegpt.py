@@ -3,8 +3,8 @@
 Perplexity (WikiText-2 raw test, seqlen 512, first --max-windows windows; 0 = the full split) and
 parameter counts, with what the shortcut matrices and the untied head cost. Calibration: C4 sample,
 --nsamples x 512, seed 0. With --speed, prefill latency (1 x 512) and greedy decode tokens/s (64 new
-tokens) instead, dense and sliced in the same run (median of --repeats after a warm-up), the dense
-model measured again at the end to show the clock's drift on a shared machine.
+tokens) instead, each sliced model timed interleaved with the dense one (--repeats rounds after a warm-up; median
+per-round ratios with their quartiles).
 
     python benchmarks/slicegpt.py --json benchmarks/results/slicegpt-64.json
     python benchmarks/slicegpt.py --speed --json benchmarks/results/slicegpt-speed.json
@@ -20,7 +20,7 @@ from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
-from prunekit.evaluate import measure_speed, perplexity
+from prunekit.evaluate import perplexity
 from prunekit.methods import SliceGPTConfig, prune
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineConfig
@@ -45,8 +45,7 @@ def main():
     text = load_text("wikitext2")
     results = {"model": args.model, "calibration": calib.describe(), "threads": torch.get_num_threads(), "runs": {}}
     if args.speed:
-        results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-        print(f"dense: {results['dense_speed']}", flush=True)
+        args.dense_model = model  # every pruned model is timed interleaved with it
     elif not args.no_dense:
         dense = perplexity(model, tokenizer, text, seqlen=512, max_windows=args.max_windows or None, progress=False)
         results["dense"] = {"ppl": dense.ppl, "params": parameter_counts(model)}
@@ -56,10 +55,6 @@ def main():
         results["runs"][key] = run_one(args, fraction, calib, tokenizer, text)
         print(f"{key:12s} {results['runs'][key]}", flush=True)
         save(args.json, results)  # after every run: a benchmark killed half-way keeps what it measured
-    if args.speed:
-        model, _ = load(args.model)
-        results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
-        save(args.json, results)
 
 
 def run_one(args, fraction, calib, tokenizer, text) -> dict:

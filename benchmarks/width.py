@@ -4,8 +4,8 @@ Perplexity (WikiText-2 raw test, seqlen 512, first --max-windows windows; 0 = th
 parameter counts for each importance, GQA policy ("mlp-only": heads kept) and allocation (uniform
 shapes or FLAP-style global ranking), and the two recipes. Calibration: C4 sample, --nsamples x 512,
 seed 0 (the recipes use their own sample counts and lengths). With --speed, prefill latency (1 x 512)
-and greedy decode tokens/s (64 new tokens) instead, dense and pruned in the same run (median of
---repeats after a warm-up), at each --round-to given.
+and greedy decode tokens/s (64 new tokens) instead, each pruned model timed interleaved with the dense
+one (--repeats rounds after a warm-up; median per-round ratios with their quartiles), at each --round-to given.
 
     python benchmarks/width.py --json benchmarks/results/width-64.json
     python benchmarks/width.py --speed --runs "wanda-sp mlp-only uniform" --round-to 1 8 64 128 \
@@ -23,7 +23,6 @@ from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
-from prunekit.evaluate import measure_speed
 from prunekit.methods import WidthConfig, prune
 from prunekit.methods.width import RECIPES
 from prunekit.models import parameter_counts
@@ -62,8 +61,7 @@ def main():
     text = load_text("wikitext2")
     results = {"model": args.model, "target": args.target, "calibration": calib.describe(), "runs": {}}
     if args.speed:
-        results["dense_speed"] = measure_speed(model, repeats=args.repeats).to_dict()
-        print(f"dense: {results['dense_speed']}", flush=True)
+        args.dense_model = model  # every pruned model is timed interleaved with it
     elif not args.no_dense:
         results["dense"] = {**measure(model, tokenizer, text, args), "params": parameter_counts(model)}
         print(f"dense {results['dense']}", flush=True)
@@ -73,9 +71,6 @@ def main():
             results["runs"][key] = run_one(args, name, round_to, calib, tokenizer, text)
             print(f"{key:40s} {results['runs'][key]}", flush=True)
             save(args.json, results)  # after every run: a benchmark killed half-way keeps what it measured
-    if args.speed:  # the machine is shared: a second dense measurement shows how much the clock drifted
-        results["dense_speed_after"] = measure_speed(model, repeats=args.repeats).to_dict()
-        save(args.json, results)
 
 
 def run_one(args, name, round_to, calib, tokenizer, text) -> dict:
