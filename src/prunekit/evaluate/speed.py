@@ -19,7 +19,6 @@ The thread count is fixed for the whole comparison and recorded.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from prunekit.errors import PrunekitError
+from prunekit.threads import fixed_threads
 
 MAX_SPREAD = 0.10  # a ratio whose interquartile range exceeds 10% of it is not read as a result
 
@@ -91,18 +91,6 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def fixed_threads(threads: int | None):
-    """Run with ``threads`` intra-op threads (None: as set), restored afterwards."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 @torch.no_grad()

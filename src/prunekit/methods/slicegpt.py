@@ -41,6 +41,7 @@ from prunekit.lazy import is_lazy
 from prunekit.methods import register_whole_model
 from prunekit.models import get_adapter
 from prunekit.sequential import EngineReport, call_block, capture
+from prunekit.threads import fixed_threads
 
 ORIENTATIONS = ("pca", "random")
 
@@ -108,7 +109,8 @@ def principal_basis(cov: torch.Tensor, size: int, damp: float = 0.01) -> Basis:
     """Eigenvectors of ``cov`` as columns, largest eigenvalue first, after ``damp`` x mean-diagonal damping."""
     cov = cov.double()
     damped = cov + damp * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    values, vectors = torch.linalg.eigh(damped)
+    with fixed_threads(1 if cov.device.type == "cpu" else None):  # see prunekit.threads: busy CPUs
+        values, vectors = torch.linalg.eigh(damped)
     order = torch.argsort(values, descending=True)
     vectors = vectors[:, order]
     energy = (vectors.T @ cov @ vectors).diagonal()

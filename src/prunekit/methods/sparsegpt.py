@@ -22,6 +22,7 @@ from prunekit.methods.owl import owl_prepare
 from prunekit.methods.stats import Hessian
 from prunekit.methods.unstructured import UnstructuredConfig, in_features, prune_block, weight_device
 from prunekit.models import linear_weight
+from prunekit.threads import fixed_threads
 
 log = logging.getLogger(__name__)
 HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -48,16 +49,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, tries: int = 
     """Upper Cholesky factor of (H + damp*I)^-1, raising the dampening tenfold until it factors."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     damp = percdamp * torch.diag(hessian).mean()
-    for attempt in range(tries):
-        factor, info = torch.linalg.cholesky_ex(hessian + damp * eye)
-        if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    with fixed_threads(1 if hessian.device.type == "cpu" else None):  # see prunekit.threads: busy CPUs
+        for attempt in range(tries):
+            factor, info = torch.linalg.cholesky_ex(hessian + damp * eye)
             if info == 0:
-                if attempt:
-                    log.info("SparseGPT: Hessian needed dampening %.3g (try %d)", damp.item(), attempt + 1)
-                return upper
-        damp = damp * 10
+                inverse = torch.cholesky_inverse(factor)
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                if info == 0:
+                    if attempt:
+                        log.info("SparseGPT: Hessian needed dampening %.3g (try %d)", damp.item(), attempt + 1)
+                    return upper
+            damp = damp * 10
     raise PrunekitError("SparseGPT: the Hessian stayed singular after raising the dampening; add calibration data")
 
 
