@@ -310,3 +310,139 @@ def test_bench_compares_models_in_one_run(tiny_folder, tmp_path):
     assert all(r["prefill_speedup"] == 1.0 for r in report["ratios"] if r["model"] == str(tiny_folder))
     assert "--batch-sizes must be comma-separated" in error_line(run("bench", "--model", str(tiny_folder),
                                                                      "--batch-sizes", "one"))  # fmt: skip
+
+
+# -- bad input: one line (`prunekit: error: ...`, exit 2) that names the flag or file, never a traceback ---------------
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny_folder):
+    """Folders a user might point prunekit at by mistake, beside the tiny model, and a deeper (8-block) model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import CONFIGS, tiny_tokenizer
+
+    root = tiny_folder.parent / "bad"
+    root.mkdir()
+
+    def copy(name):
+        shutil.copytree(tiny_folder, root / name)
+        return root / name
+
+    (copy("not-json") / "config.json").write_text("{not json")
+    _edit_config(copy("no-model-type"), model_type=None)
+    _edit_config(copy("unknown-type"), model_type="nonsense")
+    _edit_config(copy("bad-heads"), num_attention_heads=5)  # hidden 64 is no multiple of 5
+    _edit_config(copy("wider"), hidden_size=96)  # the weights are 64 wide
+    _edit_config(copy("deeper-config"), num_hidden_layers=3)  # the weights hold 2 blocks
+    (copy("no-weights") / "model.safetensors").unlink()
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 8
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "deep")
+    tiny_tokenizer().save_pretrained(root / "deep")
+    return root
+
+
+BAD_INPUTS = [
+    # the model folder
+    (["eval", "ppl", "--model", "{bad}/not-json"], "config.json is not valid JSON"),
+    (["eval", "ppl", "--model", "{bad}/no-model-type"], 'no usable "model_type"'),
+    (["eval", "ppl", "--model", "{bad}/unknown-type"], "model_type 'nonsense', which this transformers does not know"),
+    (["eval", "ppl", "--model", "{bad}/bad-heads"], "does not describe a valid llama model (The hidden size"),
+    (["eval", "ppl", "--model", "{bad}/wider"], "do not have the shape its config.json describes"),
+    (["eval", "ppl", "--model", "{bad}/deeper-config"], "lacks 9 weight(s) its config.json describes"),
+    (["prune", "--model", "{bad}/deeper-config", "--method", "magnitude", "--lazy", "--out", "{tmp}/o"], "lacks 9"),
+    (["eval", "ppl", "--model", "{bad}/no-weights"], "holds no weights"),
+    (["eval", "ppl", "--model", "{bad}/missing"], "does not exist"),
+    (["eval", "ppl", "--model", "{corpus}"], "is a file; pass the model folder"),
+    (["bench", "--model", "{bad}/missing"], "does not exist"),
+    (["unpack", "--model", "{bad}/missing", "--out", "{tmp}/o"], "--model {bad}/missing is not a folder"),
+    # evaluation options
+    (["eval", "ppl", "--model", "{tiny}", "--max-windows", "-1"], "--max-windows must be at least 1"),
+    (["eval", "ppl", "--model", "{tiny}", "--seqlen", "0"], "--seqlen must be at least 2"),
+    (["eval", "ppl", "--model", "{tiny}", "--data", "nope"], "unknown data 'nope'"),
+    (["eval", "ppl", "--model", "{tiny}", "--json", "{corpus}/r.json"], "--json {corpus}/r.json"),
+    (["eval", "ppl", "--model", "{tiny}", "--device", "tpu"], "unknown --device 'tpu'"),
+    # prune: calibration, outputs
+    (["prune", "--model", "{tiny}", "--method", "wanda", "--calib", "{corpus}", "--nsamples", "0", "--out", "{tmp}/o"],
+     "--nsamples must be at least 1"),
+    (["prune", "--model", "{tiny}", "--method", "wanda", "--calib", "{corpus}", "--seqlen", "-3", "--out", "{tmp}/o"],
+     "--seqlen must be at least 2"),
+    (["prune", "--model", "{tiny}", "--method", "wanda", "--calib", "nope", "--out", "{tmp}/o"], "unknown data 'nope'"),
+    (["prune", "--model", "{tiny}", "--method", "magnitude", "--out", "{corpus}/o"], "--out {corpus}/o: {corpus} is a"),
+    (["prune", "--model", "{tiny}", "--method", "magnitude", "--checkpoint-dir", "{corpus}/c", "--out", "{tmp}/o"],
+     "--checkpoint-dir {corpus}/c"),
+    (["prune", "--model", "{tiny}", "--method", "magnitude", "--nm", "two:four", "--out", "{tmp}/o"], "--nm must look"),
+    (["prune", "--model", "{tiny}", "--method", "magnitude", "--include", "mpl.*", "--out", "{tmp}/o"],
+     "--include 'mpl.*' matches no linear"),
+    (["prune", "--model", "{tiny}", "--method", "magnitude", "--force", "--out", "{tmp}/o"],
+     "--force does not apply to --method magnitude"),
+    # prune: targets that leave a husk (depth: under a quarter of the blocks; width: under a tenth of the neurons)
+    (["prune", "--model", "{bad}/deep", "--method", "depth", "--criterion", "magnitude", "--target-params", "0.99",
+      "--out", "{tmp}/o"], "--target-params 0.99 would keep 1 of 8 blocks, fewer than a quarter (2)"),
+    (["prune", "--model", "{bad}/deep", "--method", "depth", "--criterion", "magnitude", "--remove", "7",
+      "--out", "{tmp}/o"], "--remove 7 would keep 1 of 8 blocks"),
+    (["prune", "--model", "{bad}/deep", "--method", "depth", "--criterion", "magnitude", "--remove", "8",
+      "--force", "--out", "{tmp}/o"], "cannot remove all 8 blocks"),
+    (["prune", "--model", "{tiny}", "--method", "depth", "--criterion", "magnitude", "--unit", "attention",
+      "--remove", "2", "--force", "--out", "{tmp}/o"], "would remove all 2 attention sub-layers"),
+    (["prune", "--model", "{tiny}", "--method", "width", "--num-heads", "0", "--out", "{tmp}/o"],
+     "--num-heads must be at least 1"),
+    (["prune", "--model", "{tiny}", "--method", "width", "--importance", "magnitude-l2", "--intermediate-size", "8",
+      "--out", "{tmp}/o"], "would keep 16 of the 256 MLP neurons of the pruned blocks (6.2%), under a tenth"),
+    (["prune", "--model", "{tiny}", "--method", "width", "--target-params", "0.3", "--intermediate-size", "64",
+      "--out", "{tmp}/o"], "not both"),
+    # recovery
+    (["recover", "--model", "{tiny}", "--data", "{corpus}", "--steps", "0", "--out", "{tmp}/o"], "--steps"),
+    (["recover", "--model", "{tiny}", "--data", "{corpus}", "--lora-r", "0", "--out", "{tmp}/o"], "--lora-r must be"),
+    (["recover", "--model", "{tiny}", "--data", "{corpus}", "--warmup-steps", "-1", "--out", "{tmp}/o"],
+     "--warmup-steps must be at least 0"),
+    (["recover", "--model", "{tiny}", "--data", "{corpus}", "--mode", "distill", "--teacher", "{tiny}",
+      "--teacher-topk", "0", "--out", "{tmp}/o"], "--teacher-topk must be at least 1"),
+    (["recover", "--model", "{tiny}", "--data", "{corpus}", "--out", "{corpus}/o"], "{corpus} is a file"),
+    (["prune-retrain", "--model", "{tiny}", "--train-data", "{corpus}", "--train-seqlen", "0", "--out", "{tmp}/o"],
+     "--train-seqlen must be at least 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[f"{a[0]}: {m[:48]}" for a, m in BAD_INPUTS])
+def test_bad_input_is_one_line(tiny_folder, bad_inputs, tmp_path, args, message):
+    """In-process (a subprocess per case would take minutes): exit 2, one error line, no exception escaping."""
+    from typer.testing import CliRunner
+
+    from prunekit.cli import app
+
+    places = {"tiny": tiny_folder, "bad": bad_inputs, "corpus": tiny_folder.parent / "corpus.txt", "tmp": tmp_path}
+    fill = lambda text: text.format(**places)  # noqa: E731
+    args = [fill(a) for a in args]
+    if args[:2] == ["eval", "ppl"]:  # everything else valid: the small corpus, in short windows
+        args += [] if "--data" in args else ["--data", fill("{corpus}")]
+        args += [] if "--seqlen" in args else ["--seqlen", "16"]
+    if args[0] in ("eval", "prune") and "--device" not in args:
+        args += ["--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exception, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("prunekit: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fill(message) in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_force_lets_a_husk_through(bad_inputs, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunekit.cli import app
+
+    args = ["prune", "--model", str(bad_inputs / "deep"), "--method", "depth", "--criterion", "magnitude",
+            "--target-params", "0.99", "--force", "--device", "cpu", "--out", str(tmp_path / "o")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
+    assert manifest["method_config"]["force"] is True and len(manifest["metrics"]["blocks"]) == 7

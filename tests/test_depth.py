@@ -261,7 +261,7 @@ def test_a_saved_ranking_prunes_at_another_count_without_scoring(tmp_path):
     assert reused.engine.blocks == scored.engine.blocks
     assert reused.config["criterion"] == "ppl"
 
-    greedy_run = prune(copy.deepcopy(model), DepthConfig(remove=1, iterative=True), calibration)
+    greedy_run = prune(copy.deepcopy(model), DepthConfig(criterion="ppl", remove=1, iterative=True), calibration)
     path.write_text(json.dumps({"metrics": {"ranking": greedy_run.outside_blocks["ranking"]}}))
     with pytest.raises(PrunekitError, match="holds 1 greedy removals"):
         prune(copy.deepcopy(model), DepthConfig(remove=2, ranking_from=str(path)))
@@ -293,6 +293,22 @@ def test_a_saved_ranking_prunes_at_another_count_without_scoring(tmp_path):
 def test_bad_input_is_one_clear_error(options, message):
     with pytest.raises(PrunekitError, match=message):
         prune(tiny_model("llama"), DepthConfig(**options), Calibration(tokens(2, 16), "t", "", 0))
+
+
+def test_removals_that_leave_a_husk_are_refused_unless_forced():
+    """Under a quarter of the blocks (of 8: fewer than 2) is refused before any scoring; none of a kind, always."""
+    model = deep_model("llama", layers=8)
+    for options in ({"target_params": 0.99}, {"remove": 7}, {"remove": 7, "unit": "mlp"}):
+        with pytest.raises(PrunekitError, match=r"would keep 1 of 8 .*fewer than a quarter \(2\).*--force"):
+            prune(model, DepthConfig(criterion="magnitude", **options))
+    assert model.config.num_hidden_layers == 8
+    with pytest.raises(PrunekitError, match="would remove all 8 attention sub-layers"):
+        prune(model, DepthConfig(criterion="magnitude", unit="attention", remove=8, force=True))
+    prune(model, DepthConfig(criterion="magnitude", remove=6))  # 2 of 8 stay: allowed
+    assert model.config.num_hidden_layers == 2
+    forced = deep_model("llama", layers=8)
+    prune(forced, DepthConfig(criterion="magnitude", target_params=0.99, force=True))
+    assert forced.config.num_hidden_layers == 1
 
 
 def test_a_model_without_sublayers_is_refused_by_the_per_block_methods():

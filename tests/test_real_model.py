@@ -5,6 +5,7 @@ import time
 import pytest
 import torch
 
+from conftest import require_local_data
 from prunekit import load
 from prunekit.loading import cache_dir
 
@@ -47,11 +48,10 @@ def test_engine_reproduces_the_real_models_logits(smollm):
 
 
 def test_wikitext_perplexity_first_windows(smollm):
-    from prunekit.data import find_local, load_text
+    from prunekit.data import load_text
     from prunekit.evaluate import perplexity
 
-    if find_local("wikitext-2-raw/wiki.test.raw") is None:
-        pytest.skip("WikiText-2 not available locally")
+    require_local_data("wikitext-2-raw/wiki.test.raw")  # the hub copy would do, but the test stays offline
     model, tokenizer = smollm
     result = perplexity(model, tokenizer, load_text("wikitext2"), seqlen=512, max_windows=4, progress=False)
     assert result.windows == 4 and result.tokens == 4 * 511

@@ -77,12 +77,9 @@ def test_study_command_refuses_bad_input(tmp_path):
 
 
 def test_study_with_zero_shot_tasks_plots_their_mean(tmp_path):
-    import pytest
+    from conftest import require_local_data
 
-    from prunekit.data import find_local
-
-    if find_local("piqa/valid.jsonl") is None:
-        pytest.skip("PIQA not available locally")
+    require_local_data("piqa/valid.jsonl", "piqa/valid-labels.lst")
     config = tiny_study(tmp_path, methods=("depth",), tasks=("piqa",), task_limit=3)
     result = run_study(config, tmp_path / "study", progress=lambda line: None)
     rows = table_rows(result)

@@ -186,6 +186,19 @@ def test_bad_width_configs():
         prune(tiny_model("llama"), WidthConfig(0.2, importance="wanda-sp"))
 
 
+def test_shapes_that_leave_a_husk_are_refused_unless_forced():
+    for name in ("intermediate_size", "num_heads"):
+        with pytest.raises(PrunekitError, match=f"--{name.replace('_', '-')} must be at least 1"):
+            WidthConfig(**{name: 0})
+    model = tiny_model("llama")  # 128 neurons per block: a tenth is 12.8
+    with pytest.raises(PrunekitError, match=r"keep 16 of the 256 MLP neurons .* pass --force"):
+        prune(model, WidthConfig(intermediate_size=8, importance="magnitude-l1"))
+    assert model.config.intermediate_size == 128  # refused before any weight changed
+    prune(model, WidthConfig(intermediate_size=16, importance="magnitude-l1"))  # 12.5%: allowed
+    prune(model, WidthConfig(intermediate_size=8, importance="magnitude-l1", force=True))
+    assert model.config.intermediate_size == 8
+
+
 @contextlib.contextmanager
 def crash_on_block_1():
     """Make the width method raise KeyboardInterrupt when it reaches block 1 (an interrupted run)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from conftest import needs_local_data, require_local_data
 from prunekit.data import find_local
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.zeroshot import (
@@ -25,8 +26,7 @@ from tiny_models import COMMON, save_tiny
 
 
 def local_task(name, limit=None):
-    if any(find_local(f) is None for f in TASKS[name].files):
-        pytest.skip(f"the local {name} data ({', '.join(TASKS[name].files)}) is not here")
+    require_local_data(*TASKS[name].files)
     return load_task(name, limit)
 
 
@@ -94,6 +94,7 @@ def test_each_local_task_builds_lm_evals_requests(name):
         assert first.requests[0][0].endswith("\nAnswer:")
 
 
+@needs_local_data(*(f for task in TASKS.values() for f in task.files))
 def test_full_sets_have_their_official_sizes():
     sizes = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267, "boolq": 3270}
     sizes |= {"openbookqa": 500, "lambada": 5153, "hellaswag": 10042}

@@ -58,12 +58,36 @@ def _device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PrunekitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PrunekitError(f"unknown --device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise PrunekitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0...)")
+    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
+        raise PrunekitError(f"--device {device} is not available here; use --device cpu (or cuda, mps where present)")
     return device
 
 
 def _write_json(path: Optional[Path], payload: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _check_json(path: Optional[Path]) -> None:
+    """Refuse a --json path that cannot be written, before the work whose result it would hold."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise PrunekitError(f"--json {path} is a folder; pass a file path such as {path / 'result.json'}")
+    if not path.parent.is_dir():
+        raise PrunekitError(f"--json {path}: its folder {path.parent} does not exist or is a file; create it first")
+
+
+def _at_least(value: Optional[int], flag: str, minimum: int = 1) -> None:
+    """One line for a count given below its minimum (``None``: not given, the default applies)."""
+    if value is not None and value < minimum:
+        raise PrunekitError(f"{flag} must be at least {minimum}, got {value}")
 
 
 @eval_app.command("ppl")
@@ -88,6 +112,7 @@ def eval_ppl(
     from prunekit.evaluate import perplexity
     from prunekit.loading import load
 
+    _check_json(json_out)
     text = load_text(data)
     lm, tokenizer = load(
         model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
@@ -114,12 +139,12 @@ def eval_zeroshot(
     trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
 ):
     """Zero-shot accuracy on local copies of the standard sets, scored as lm-evaluation-harness scores them."""
-    from prunekit.evaluate.zeroshot import evaluate_zeroshot, load_task
+    from prunekit.evaluate.zeroshot import check_tasks, evaluate_zeroshot
     from prunekit.loading import load
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    for name in names:  # unknown tasks and missing files fail before the model loads
-        load_task(name, limit)
+    check_tasks(names, limit)  # unknown names, then missing files, fail before the model loads
+    _check_json(json_out)
     lm, tokenizer = load(
         model, dtype=dtype, device=_device(device), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
@@ -148,6 +173,11 @@ def prune(
     ),
     target_params: Optional[float] = typer.Option(
         None, help="width, depth: fraction of non-embedding parameters to remove."
+    ),
+    force: bool = typer.Option(
+        False,
+        help="width, depth: accept a target that leaves a husk (depth: under a quarter of the blocks; width: "
+        "under a tenth of the MLP neurons), refused otherwise.",
     ),
     intermediate_size: Optional[int] = typer.Option(None, help="width: MLP neurons to keep per block."),
     num_heads: Optional[int] = typer.Option(None, help="width: query heads to keep per block."),
@@ -254,9 +284,16 @@ def prune(
 ):
     """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
     from prunekit.data import calibration, load_text
-    from prunekit.io import check_format, check_output
+    from prunekit.io import check_folder_path, check_format, check_output
     from prunekit.sequential import EngineConfig
 
+    _at_least(nsamples, "--nsamples")
+    _at_least(seqlen, "--seqlen", 2)
+    _at_least(max_windows, "--max-windows")
+    _at_least(eval_seqlen, "--eval-seqlen", 2)
+    _check_json(json_out)
+    if target_params is not None and (intermediate_size is not None or num_heads is not None):
+        raise PrunekitError("give --target-params or explicit sizes (--intermediate-size, --num-heads), not both")
     options = dict(
         importance=importance,
         taylor=taylor,
@@ -301,6 +338,7 @@ def prune(
         protect_first=protect_first,
         protect_last=protect_last,
         ranking_from=str(ranking_from) if ranking_from is not None else None,
+        force=force or None,
     )
     if getattr(method_config, "needs_calibration", False) and calib is None:
         raise PrunekitError(f"--method {method} needs calibration data; pass --calib (e.g. c4 or a text file)")
@@ -310,6 +348,7 @@ def prune(
         raise PrunekitError("--eval needs the whole model in memory; drop --lazy or evaluate the saved model")
     text = load_text(eval_data) if eval_data else None
     checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.checkpoint"
+    check_folder_path(checkpoint_dir, "--checkpoint-dir")
     engine = EngineConfig(
         device=_device(device), batch_size=batch_size, propagate=propagate, checkpoint_dir=checkpoint_dir
     )
@@ -480,6 +519,9 @@ def prune_retrain_command(
     except ValueError:
         raise PrunekitError(f"--schedule must be comma-separated numbers like 0.3,0.5,0.7, got {schedule!r}") from None
     config = PruneRetrainConfig(sparsities, FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed))
+    _at_least(train_seqlen, "--train-seqlen", 2)
+    _at_least(max_windows, "--max-windows")
+    _at_least(eval_seqlen, "--eval-seqlen", 2)
     check_output(out, overwrite)
     text = load_text(eval_data) if eval_data else None
     lm, tokenizer = load(model, device=_device(device))
@@ -491,9 +533,8 @@ def prune_retrain_command(
     stages = prune_retrain(lm, train.tokens, config, evaluate if text else None)
     for stage in stages:
         metric = f", perplexity {stage['metric']:.2f}" if "metric" in stage else ""
-        typer.echo(
-            f"stage {stage['stage']}: sparsity {stage['achieved']:.1%}, train loss {stage['final_loss']:.3f}{metric}"
-        )
+        loss = "no retraining (--steps 0)" if stage["final_loss"] is None else f"train loss {stage['final_loss']:.3f}"
+        typer.echo(f"stage {stage['stage']}: sparsity {stage['achieved']:.1%}, {loss}{metric}")
     manifest = build_manifest(
         source=model,
         source_folder=resolve_folder(model),
@@ -554,7 +595,7 @@ def recover(
 ):
     """Recover a pruned model's quality by LoRA, continued pretraining or distillation; runs under
     `accelerate launch` (DDP, FSDP) unchanged."""
-    from prunekit.io import check_output
+    from prunekit.io import check_folder_path, check_output
     from prunekit.recover import LoraSettings, RecoverConfig
     from prunekit.recover.train import make_accelerator
 
@@ -577,10 +618,17 @@ def recover(
     )
     if mode == "distill" and teacher is None:
         raise PrunekitError("--mode distill needs a teacher: pass --teacher DENSE_MODEL")
+    if mode != "distill" and (teacher is not None or teacher_topk is not None):
+        raise PrunekitError(f"--teacher and --teacher-topk apply to --mode distill, not {mode}")
+    _at_least(teacher_topk, "--teacher-topk")
+    _at_least(max_windows, "--max-windows")
+    _at_least(eval_seqlen, "--eval-seqlen", 2)
+    _check_json(json_out)
     state = make_accelerator(config)  # first: every process must know which one it is
     if state.is_main_process:
         check_output(out, overwrite)
     checkpoint_dir = checkpoint_dir or out.parent / f".{out.name}.recover-checkpoint"
+    check_folder_path(checkpoint_dir, "--checkpoint-dir")
     report = run_recover_job(
         model, out, config, data, seqlen, keep_sparsity, teacher, teacher_topk, checkpoint_dir, state,
         (eval_data, eval_seqlen, max_windows), overwrite,
@@ -736,6 +784,8 @@ def unpack(
     from prunekit.io import MANIFEST, check_output, save_pruned
     from prunekit.loading import load
 
+    if not Path(model).is_dir():
+        raise PrunekitError(f"--model {model} is not a folder; pass a folder saved with --format compact")
     if not (Path(model) / COMPACT_FILE).exists():
         raise PrunekitError(f"{model} holds no {COMPACT_FILE}; it is not a compact prunekit folder")
     check_output(out, overwrite)

@@ -55,12 +55,18 @@ class Text:
 
 
 def data_dirs() -> list[Path]:
-    """Folders searched for local copies of datasets, in order."""
-    dirs = []
+    """Folders searched for local copies of datasets, in order, each once (however it is spelled)."""
+    candidates = []
     if os.environ.get("PRUNEKIT_DATA"):
-        dirs.append(Path(os.environ["PRUNEKIT_DATA"]))
-    dirs.append(Path.cwd().parent / "shared" / "data")
-    dirs.append(Path(__file__).resolve().parents[2].parent / "shared" / "data")  # source checkout
+        candidates.append(Path(os.environ["PRUNEKIT_DATA"]))
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "data")  # source checkout
+    dirs, seen = [], set()
+    for folder in candidates:
+        key = folder.resolve()
+        if key not in seen:
+            seen.add(key)
+            dirs.append(folder)
     return dirs
 
 

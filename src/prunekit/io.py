@@ -40,9 +40,18 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
             raise PrunekitError(
                 f"{out} exists and is not a prunekit output; refusing to replace it, choose another --out"
             )
-    if not out.parent.exists():
+    check_folder_path(out, "--out")
+    if not out.parent.is_dir():
         raise PrunekitError(f"the parent folder of --out ({out.parent}) does not exist; create it first")
     return out
+
+
+def check_folder_path(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse a folder path that cannot be created because a file stands where one of its folders would."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PrunekitError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
 
 
 FORMATS = ("dense", "compact")

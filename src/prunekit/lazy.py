@@ -91,10 +91,23 @@ def load_lazy(folder: Path, config, dtype: torch.dtype, device, shapes: dict | N
     setattr(model, SOURCE_ATTR, source)
     blocks_prefix = get_adapter(model).blocks_path + "."
     tied = tied_parameter_names(model)
+    # every block's weights must be there before any work, not when the engine reaches the block
+    missing = [n for n, _ in model.named_parameters() if n not in tied and source.key_for(n) is None]
+    check_no_missing_weights(folder, missing)
     names = [n for n, _ in model.named_parameters() if not n.startswith(blocks_prefix) and n not in tied]
     load_parameters(model, source, names, device)
     model.tie_weights()
     return model
+
+
+def check_no_missing_weights(folder, missing: list[str]) -> None:
+    """Refuse a model some of whose weights are not in the folder (loaders would leave them random)."""
+    if missing:
+        raise PrunekitError(
+            f"{folder} lacks {len(missing)} weight(s) its config.json describes (e.g. {', '.join(missing[:2])}); "
+            "the config and the weights do not belong together, or the weight files are incomplete: re-download "
+            "the model, or re-save it with save_pretrained"
+        )
 
 
 def load_parameters(model: nn.Module, source: WeightSource, names: list[str], device) -> None:

@@ -8,6 +8,7 @@ dequantized once into a plain fp32 safetensors folder under the cache directory
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -178,7 +179,6 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
 
 def _check_safetensors_length(file: Path) -> None:
     """safetensors checks offsets lazily; compare the header's promised size with the file's."""
-    import json
     import struct
 
     with open(file, "rb") as fh:
@@ -190,17 +190,45 @@ def _check_safetensors_length(file: Path) -> None:
         raise ValueError(f"file is truncated: {actual} data bytes, header promises {end}")
 
 
-def _load_config(folder: Path, trust_remote_code: bool):
-    from transformers import AutoConfig
+RESAVE_HINT = "re-download the model, or re-save it with save_pretrained"
 
+
+def _load_config(folder: Path, trust_remote_code: bool):
+    """The folder's config, or one line on what is wrong with config.json and what would work."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from prunekit.models import supported_families
+
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise PrunekitError(f"cannot read {path} ({_first_line(err)}); {RESAVE_HINT}") from None
+    except ValueError as err:
+        raise PrunekitError(f"{path} is not valid JSON ({err}); fix it, or {RESAVE_HINT}") from None
+    if not isinstance(raw, dict):
+        raise PrunekitError(f"{path} must hold a JSON object (a transformers config); {RESAVE_HINT}")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise PrunekitError(
+            f'{path} has no usable "model_type" (got {model_type!r}); it names the architecture, e.g. '
+            f'"model_type": "llama"; supported families: {supported_families()}'
+        )
+    if model_type not in CONFIG_MAPPING and "auto_map" not in raw:
+        raise PrunekitError(
+            f"{path} names model_type {model_type!r}, which this transformers does not know; "
+            f"supported families: {supported_families()}"
+        )
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as err:
+    except Exception as err:  # transformers and huggingface_hub raise many types for a bad config
         if "trust_remote_code" in str(err):
             raise PrunekitError(
                 f"{folder} needs custom code to load; pass --trust-remote-code only if you trust it"
             ) from None
-        raise PrunekitError(f"cannot read {folder}/config.json: {str(err).splitlines()[0]}") from None
+        reason = _first_line(err.__cause__ or err)  # validators wrap the useful message
+        raise PrunekitError(f"{path} does not describe a valid {model_type} model ({reason}); fix it") from None
 
 
 def _load_tokenizer(folder: Path, trust_remote_code: bool):
@@ -208,20 +236,54 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
 
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise PrunekitError(f"cannot load the tokenizer from {folder}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        reason = _first_line(err).rstrip(": ")
+        raise PrunekitError(
+            f"cannot load the tokenizer from {folder} ({reason}); the folder needs tokenizer.json or the "
+            "tokenizer files it was saved with"
+        ) from None
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
 
 
 def _from_pretrained(folder, dtype, device, trust_remote_code, allow_pickle):
+    """``from_pretrained``, strict: weights missing from the folder or of another shape than its config says
+    are an error, not a randomly initialised model."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=dtype,
-        device_map=str(device),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-    )
+    from prunekit.lazy import check_no_missing_weights
+
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addFilter(_drop_load_report)  # its table of keys: the lines below say it in one
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            device_map=str(device),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            ignore_mismatched_sizes=True,  # reported below, with the names
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise PrunekitError(f"cannot load the weights in {folder} ({_first_line(err)}); {RESAVE_HINT}") from None
+    finally:
+        transformers_log.removeFilter(_drop_load_report)
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        log.warning("%s: %d unused tensor(s) ignored (e.g. %s)", folder, len(unexpected), unexpected[0])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
+        detail = f" ({tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} in the model)" if len(shapes) == 2 else ""
+        raise PrunekitError(
+            f"{len(mismatched)} weight(s) in {folder} do not have the shape its config.json describes, e.g. "
+            f"{name}{detail}; the config and the weights do not belong together: {RESAVE_HINT}"
+        )
+    check_no_missing_weights(folder, sorted(info.get("missing_keys") or []))
+    return model
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

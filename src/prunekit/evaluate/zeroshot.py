@@ -177,10 +177,24 @@ TASKS = {
 }
 
 
-def load_task(name: str, limit: int | None = None) -> list[Doc]:
-    """The items of a task (the first ``limit`` of them), read from the local data dirs."""
+def check_tasks(names: list[str], limit: int | None = None) -> dict[str, list[Doc]]:
+    """Every task's items, read before any work: the names first (an unknown one is a typo whatever the
+    data), then ``limit``, then the files."""
+    if not names:
+        raise PrunekitError(f"no tasks given; choose from {', '.join(TASKS)}")
+    for name in names:
+        _check_name(name)
+    return {name: load_task(name, limit) for name in dict.fromkeys(names)}
+
+
+def _check_name(name: str) -> None:
     if name not in TASKS:
         raise PrunekitError(f"unknown zero-shot task {name!r}; available: {', '.join(TASKS)}")
+
+
+def load_task(name: str, limit: int | None = None) -> list[Doc]:
+    """The items of a task (the first ``limit`` of them), read from the local data dirs."""
+    _check_name(name)
     if limit is not None and limit < 1:
         raise PrunekitError(f"--limit must be at least 1, got {limit}")
     task = TASKS[name]
@@ -367,11 +381,9 @@ def evaluate_zeroshot(
     model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, progress: bool = True
 ) -> ZeroShotResult:
     """Zero-shot metrics of ``model`` on ``tasks`` (names from ``TASKS``), each on its first ``limit`` items."""
-    if not tasks:
-        raise PrunekitError(f"no tasks given; choose from {', '.join(TASKS)}")
     if batch_size < 1:
         raise PrunekitError(f"--batch-size must be at least 1, got {batch_size}")
-    docs = {name: load_task(name, limit) for name in dict.fromkeys(tasks)}  # every file checked before any work
+    docs = check_tasks(list(tasks), limit)  # every name and file checked before any work
     start = time.perf_counter()
     results = {}
     for name, items in docs.items():

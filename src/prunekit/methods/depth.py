@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 UNITS = {"block": ("block",), "attention": ("attention",), "mlp": ("mlp",), "sublayer": ("attention", "mlp")}
 PROTECT = {"taylor": (4, 2)}  # Taylor+: Shortened LLaMA keeps the first four and the last two blocks
 RANKED_BY = ("criterion", "unit", "iterative", "protect_first", "protect_last")
+MIN_KEPT = 0.25  # without force, at least a quarter of the blocks (of each sub-layer kind pruned) stays
 
 
 @dataclass
@@ -58,6 +60,7 @@ class DepthConfig:
     protect_first: int | None = None  # blocks never removed at the start (taylor: 4, else 0) ...
     protect_last: int | None = None  # ... and at the end (taylor: 2, else 0)
     ranking_from: str | None = None  # prunekit.json of an earlier depth run: reuse its ranking, no scoring
+    force: bool = False  # accept a removal that keeps fewer than MIN_KEPT of the blocks (or sub-layers of a kind)
     method: ClassVar[str] = "depth"
     calibration_defaults: ClassVar[tuple[int, int]] = (10, 128)  # Shortened LLaMA's PPL calibration
 
@@ -138,7 +141,9 @@ def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[Engine
     costs = {unit: network.params(unit) for unit in candidates}
     target = config.target_params * parameter_counts(model)["non_embedding"] if config.target_params else None
     ctx = Context(network, calibration.tokens if calibration is not None else None, engine.batch_size, engine.progress)
+    check_kept(config, total, _fewest_removals(config, total, candidates, target, costs))  # before any scoring
     ranking, chosen = _rank_and_select(config, ctx, candidates, target, costs)
+    check_kept(config, total, chosen)
     if config.needs_calibration:
         ranking["calibration"] = calibration.describe()
     network.commit([u for u in chosen if u[0] in network.alive and u not in network.muted])  # greedy: done already
@@ -180,6 +185,39 @@ def _candidates(config: DepthConfig, total: int) -> list[Unit]:
                 f"blocks (--protect-first {first}, --protect-last {last}, of {total}); remove fewer or protect fewer"
             )
     return units
+
+
+def _fewest_removals(config: DepthConfig, total: int, candidates: list[Unit], target, costs) -> list[Unit]:
+    """Units any ranking will remove at the least: ``remove`` of them (of one kind), or, for a target, as
+    many of the largest as come nearest it; ``[]`` where the kinds removed depend on the scores."""
+    if config.unit == "sublayer":
+        return []
+    if config.remove is not None:
+        return candidates[: config.remove]
+    chosen, removed = [], 0
+    for unit in sorted(candidates, key=lambda u: -costs[u]):
+        if chosen and not _nearer(removed, costs[unit], target):
+            break
+        chosen.append(unit)
+        removed += costs[unit]
+    return chosen[: total - 1]  # a target never takes the last block (``select``)
+
+
+def check_kept(config: DepthConfig, total: int, removed: list[Unit]) -> None:
+    """Refuse a removal that leaves a husk: none of a kind (always), or fewer than ``MIN_KEPT`` of the
+    blocks or of a sub-layer kind (unless ``force``)."""
+    asked = f"--remove {config.remove}" if config.remove is not None else f"--target-params {config.target_params}"
+    least = max(1, math.ceil(total * MIN_KEPT))
+    for kind in UNITS[config.unit]:
+        kept = total - sum(1 for _, part in removed if part == kind)
+        what = "blocks" if kind == "block" else f"{kind} sub-layers"
+        if kept == 0:
+            raise PrunekitError(f"{asked} would remove all {total} {what}; keep at least one")
+        if kept < least and not config.force:
+            raise PrunekitError(
+                f"{asked} would keep {kept} of {total} {what}, fewer than a quarter ({least}): what is left "
+                "is hardly the model any more; lower the target, or pass --force to remove them anyway"
+            )
 
 
 def _check_fits(ranking: dict, total: int, path: str) -> None:

@@ -63,14 +63,24 @@ class UnstructuredConfig:
 
 
 def select_linears(block, include: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The block's linears whose names match ``include`` (all when empty) and not ``exclude``."""
+    """The block's linears whose names match ``include`` (all when empty) and not ``exclude``; a pattern that
+    matches none of them (a typo) or a selection left empty is an error."""
+    linears = block.linears()
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatch(name, pattern) for name in linears):
+                raise PrunekitError(
+                    f"{flag} {pattern!r} matches no linear of a block; they are named {', '.join(linears)}"
+                )
     chosen = {}
-    for name, linear in block.linears().items():
+    for name, linear in linears.items():
         if include and not any(fnmatch.fnmatch(name, p) for p in include):
             continue
         if any(fnmatch.fnmatch(name, p) for p in exclude):
             continue
         chosen[name] = linear
+    if not chosen:
+        raise PrunekitError(f"--include {list(include)} with --exclude {list(exclude)} leaves no linear to prune")
     return chosen
 
 

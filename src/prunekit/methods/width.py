@@ -55,6 +55,7 @@ GQA_POLICIES = ("kv-groups", "query-even")
 ALLOCATIONS = ("uniform", "global")
 DATA_FREE = ("magnitude-l1", "magnitude-l2", "random")
 FROM_INPUTS = ("wanda-sp", "activation", "fluctuation")  # scored from the inputs of down / o
+MIN_NEURONS = 0.1  # without force, the pruned blocks keep at least a tenth of their MLP neurons
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -80,6 +81,7 @@ class WidthConfig:
     round_to: int = 8
     prune_heads: bool = False  # with target_params: may heads go too, or only MLP neurons?
     seed: int = 0
+    force: bool = False  # accept shapes that keep fewer than MIN_NEURONS of the pruned blocks' MLP neurons
     method: ClassVar[str] = "width"
 
     def __post_init__(self):
@@ -88,6 +90,10 @@ class WidthConfig:
         _choice("aggregation", self.aggregation, AGGREGATIONS)
         _choice("gqa", self.gqa, GQA_POLICIES)
         _choice("allocation", self.allocation, ALLOCATIONS)
+        for name in ("intermediate_size", "num_heads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PrunekitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         explicit = self.intermediate_size is not None or self.num_heads is not None
         if explicit:
             self.target_params = None
@@ -419,7 +425,25 @@ def width_prepare(config: WidthConfig, model, calibration, engine) -> WidthPlan:
                 i: uniform_shape(fraction, dense[i], geometry, config.gqa, config.round_to, config.prune_heads)
                 for i in blocks
             }
+    check_neurons_kept(config, dense, shapes)
     return WidthPlan(config, shapes, scores, moments)
+
+
+def check_neurons_kept(config: WidthConfig, dense: dict[int, Shape], shapes: dict[int, Shape]) -> None:
+    """Refuse (unless ``force``) shapes that keep under ``MIN_NEURONS`` of the pruned blocks' MLP neurons."""
+    kept = sum(s.intermediate_size for s in shapes.values())
+    full = sum(dense[i].intermediate_size for i in shapes)
+    if config.force or kept >= MIN_NEURONS * full:
+        return
+    asked = (
+        f"--target-params {config.target_params}"
+        if config.target_params is not None
+        else f"--intermediate-size {config.intermediate_size}"
+    )
+    raise PrunekitError(
+        f"{asked} would keep {kept} of the {full} MLP neurons of the pruned blocks ({kept / full:.1%}), under a "
+        "tenth: what is left is hardly the model any more; lower the target, or pass --force to prune anyway"
+    )
 
 
 def _report(block, compensated: list[str] | None = None) -> dict:

@@ -53,6 +53,14 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = LLM_PRUNER_TARGETS  # module names, or one regular expression (PEFT's rule)
 
+    def __post_init__(self):
+        if self.r < 1 or self.alpha <= 0:
+            raise PrunekitError(f"--lora-r must be at least 1 and --lora-alpha positive, got {self.r} and {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise PrunekitError(f"--lora-dropout must lie in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise PrunekitError("--lora-targets names no module; e.g. q_proj,v_proj")
+
 
 # Examples per forward pass unless --micro-batch says otherwise; the rest of a step is gradient accumulation.
 # The whole step of 8 x 512 tokens in one pass held 10.8 GB for SmolLM2-135M (its logits alone are 8 x 512 x 49k).
@@ -92,6 +100,11 @@ class RecoverConfig:
             raise PrunekitError("--distill-weight must lie in [0, 1] and --temperature be positive")
         if self.lr is not None and self.lr <= 0:
             raise PrunekitError(f"--lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "checkpoint_every", "cpt_steps"):
+            if (getattr(self, name) or 0) < 0:
+                raise PrunekitError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
+        if self.cpt_steps is not None and self.mode != "cpt+lora":
+            raise PrunekitError(f"--cpt-steps applies to --mode cpt+lora, not {self.mode}")
         if self.mode == "cpt+lora" and not 0 < self.phases()[0][1] < self.steps:
             raise PrunekitError(f"--cpt-steps must lie between 1 and --steps - 1 ({self.steps - 1})")
 
