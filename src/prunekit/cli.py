@@ -883,7 +883,7 @@ def demo(
     data: str = typer.Option("kjv", help="Evaluation text (the packaged King James Bible by default)."),
     max_windows: int = typer.Option(16, help="Perplexity windows of 512 tokens."),
 ):
-    """The study on the embedded SmolLM2-135M in about five minutes on two CPU cores, offline: width,
+    """The study on the embedded SmolLM2-135M on CPU, offline (minutes; see BENCHMARKS): width,
     depth, SliceGPT and Wanda at 20%, against dense."""
     from prunekit.study import StudyConfig
 
