@@ -253,9 +253,7 @@ def prune(
     calib: Optional[str] = typer.Option(
         None, help="Calibration data (c4, wikitext2, kjv, pydoc, a file, hf:DATASET?...)."
     ),
-    nsamples: Optional[int] = typer.Option(
-        None, help="Calibration samples (64; depth: 10; a recipe may set its own)."
-    ),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration samples (64; depth: 10; a recipe may set its own)."),
     seqlen: Optional[int] = typer.Option(
         None, help="Calibration sample length in tokens (512; depth: 128; or the recipe's)."
     ),
