@@ -251,10 +251,6 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
             f"(interleaved with dense, {timed.threads} threads)"
         )
     one = {"median": 1.0, "q1": 1.0, "q3": 1.0, "rounds": config.repeats, "readable": True}
-    if not names:  # no points: time dense alone so the row still has figures
-        alone = compare_speed({"dense": dense}, config.prompt_tokens, config.new_tokens, rounds=config.repeats,
-                              threads=config.threads).models["dense"]  # fmt: skip
-        dense_prefill, dense_decode = [alone.prefill_ms], [alone.decode_tokens_per_s]
     result.dense["speed"] = {
         "prefill_ms": statistics.median(dense_prefill),
         "decode_tokens_per_s": statistics.median(dense_decode),
