@@ -30,11 +30,11 @@ from common import measure, save
 
 from prunekit import load
 from prunekit.data import calibration, load_text
-from prunekit.depth_surgery import remove_blocks, remove_sublayer
 from prunekit.evaluate import perplexity
 from prunekit.methods import DepthConfig, prune
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineConfig
+from prunekit.surgery.depth import remove_blocks, remove_sublayer
 
 BLOCK_RUNS = {
     f"{criterion} {mode}": {"criterion": criterion, "iterative": mode == "iterative"}

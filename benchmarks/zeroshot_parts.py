@@ -22,7 +22,7 @@ def part_path(out: Path, task: str, part: int, parts: int) -> Path:
 
 
 def run_part(args) -> None:
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     docs = load_task(args.task, args.limit)[args.part :: args.parts]
     model, tokenizer = load(args.model)

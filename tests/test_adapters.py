@@ -58,7 +58,7 @@ def test_unsupported_model_lists_the_families():
 
 
 def test_head_counts_follow_the_weights_after_head_pruning():
-    from prunekit.surgery import heads_for_kv_group_removal, prune_attention_heads
+    from prunekit.surgery.width import heads_for_kv_group_removal, prune_attention_heads
 
     model = tiny_model("llama")
     adapter = get_adapter(model)

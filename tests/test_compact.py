@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from prunekit import load, save_pruned
-from prunekit.compact import COMPACT_FILE, pack, unpack
+from prunekit.io.compact import COMPACT_FILE, pack, unpack
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.sequential import EngineConfig
 from tiny_models import save_tiny, tokens

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from prunekit import load, save_pruned
 from prunekit.data import Calibration
-from prunekit.depth_surgery import RemovedAttention, remove_blocks, remove_sublayer
 from prunekit.errors import PrunekitError
 from prunekit.methods import DepthConfig, MagnitudeConfig, prune
 from prunekit.methods.depth_scores import CRITERIA
 from prunekit.models import get_adapter, linear_weight, parameter_counts
-from prunekit.surgery import SurgeryError
+from prunekit.surgery.depth import RemovedAttention, remove_blocks, remove_sublayer
+from prunekit.surgery.linear import SurgeryError
 from tiny_models import CONFIGS, FAMILIES, SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer, tokens
 
 PROMPT = tokens(1, 12, seed=3)  # prompt + new tokens run past the sliding window (8) of Mistral and Gemma 3

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from prunekit import load
 from prunekit.errors import PrunekitError
-from prunekit.io import MANIFEST, check_output, save_pruned
+from prunekit.io.files import MANIFEST, check_output
+from prunekit.io.save import save_pruned
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.sequential import EngineConfig
 from tiny_models import save_tiny, tokens

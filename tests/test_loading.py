@@ -5,7 +5,7 @@ import torch
 
 from prunekit import load
 from prunekit.errors import PrunekitError
-from prunekit.loading import resolve_dtype
+from prunekit.io.load import resolve_dtype
 from tiny_models import save_tiny, tokens
 
 
@@ -84,10 +84,10 @@ def test_unsupported_architecture_lists_families(tmp_path):
 @pytest.mark.parametrize("offline_flag", ["1", "0"])
 def test_hub_id_offline_gives_one_line(monkeypatch, offline_flag):
     """Set or not, HF_HUB_OFFLINE gets the same quick answer when the hub cannot be reached."""
-    import prunekit.loading
+    import prunekit.io.load
 
     monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
-    monkeypatch.setattr(prunekit.loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(prunekit.io.load, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(PrunekitError) as err:
         load("some-org/some-model")
     message = one_line(err)
@@ -95,9 +95,9 @@ def test_hub_id_offline_gives_one_line(monkeypatch, offline_flag):
 
 
 def test_unknown_alias_gives_one_line(monkeypatch):
-    import prunekit.loading
+    import prunekit.io.load
 
-    monkeypatch.setattr(prunekit.loading, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(prunekit.io.load, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(PrunekitError) as err:
         load("smollm3-999m")
     assert "smollm2-135m" in one_line(err)

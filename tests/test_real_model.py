@@ -7,7 +7,7 @@ import torch
 
 from conftest import require_local_data
 from prunekit import load
-from prunekit.loading import cache_dir
+from prunekit.io.aliases import cache_dir
 
 pytestmark = pytest.mark.realmodel
 

@@ -9,14 +9,14 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from prunekit import load, load_pruned, save_pruned
+from prunekit import load, save_pruned
 from prunekit.errors import PrunekitError
-from prunekit.io import MANIFEST
+from prunekit.io.files import MANIFEST
+from prunekit.io.shapes import describe_shapes
 from prunekit.methods import MagnitudeConfig, prune
 from prunekit.models import get_adapter
 from prunekit.sequential import EngineConfig
-from prunekit.shapes import describe_shapes
-from prunekit.surgery import (
+from prunekit.surgery.width import (
     block_shape,
     heads_for_kv_group_removal,
     prune_attention_heads,
@@ -87,7 +87,7 @@ def test_non_uniform_blocks_round_trip(family, tmp_path):
     blocks = manifest(tmp_path / "out")["shapes"]["blocks"]
     assert blocks == [asdict(block_shape(adapter.block(i))) for i in range(adapter.num_blocks())]
     assert blocks[0]["num_heads"] < blocks[1]["num_heads"] and blocks[0]["intermediate_size"] > 80
-    for loader in (load_pruned, load):
+    for loader in (load,):
         loaded, _ = loader(tmp_path / "out")
         assert_same_model(loaded, model)
         assert_head_tied(loaded)
@@ -139,7 +139,7 @@ def test_added_biases_round_trip(tmp_path):
         "model.layers.1.mlp.down_proj.bias": [64],
     }
     save(model, tmp_path / "out")
-    loaded, _ = load_pruned(tmp_path / "out")
+    loaded, _ = load(tmp_path / "out")
     assert torch.equal(loaded.model.layers[0].self_attn.o_proj.bias, layers[0].self_attn.o_proj.bias)
     assert_same_model(loaded, model)
 
@@ -195,7 +195,7 @@ def test_weights_must_match_the_manifest_exactly(tmp_path):
     save(non_uniform("llama"), tmp_path / "out")
     save_file({"model.layers.0.stray": torch.zeros(1)}, str(tmp_path / "out" / "stray.safetensors"))
     with pytest.raises(PrunekitError, match=r"0 missing \[\], 1 unexpected \['model.layers.0.stray'\]"):
-        load_pruned(tmp_path / "out")
+        load(tmp_path / "out")
 
 
 def test_lazy_pruning_of_a_manifest_folder_streams_it_back(tmp_path):
@@ -210,7 +210,7 @@ def test_lazy_pruning_of_a_manifest_folder_streams_it_back(tmp_path):
     save_pruned(lazy, tokenizer, tmp_path / "again", {})
     assert (tmp_path / "again" / "model.safetensors.index.json").exists()
     assert manifest(tmp_path / "again")["shapes"] == manifest(tmp_path / "out")["shapes"]
-    assert_same_model(load_pruned(tmp_path / "again")[0], eager)
+    assert_same_model(load(tmp_path / "again")[0], eager)
 
 
 def test_compact_format_keeps_the_manifest(tmp_path):
@@ -224,7 +224,7 @@ def test_dtype_buffers_and_generation_settings(tmp_path):
     model = non_uniform("llama")
     model.generation_config.eos_token_id = 7  # not what the config would give: read from the folder
     save(model, tmp_path / "out")
-    loaded, _ = load_pruned(tmp_path / "out", dtype="bfloat16")
+    loaded, _ = load(tmp_path / "out", dtype="bfloat16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     assert loaded.generation_config.eos_token_id == 7
@@ -234,7 +234,7 @@ def test_lora_adapters_take_the_pruned_widths(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     save(non_uniform("llama"), tmp_path / "out")
-    base, _ = load_pruned(tmp_path / "out")
+    base, _ = load(tmp_path / "out")
     x = tokens(n=2, seqlen=12)
     with torch.no_grad():
         expected = base(x).logits

@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM
 from prunekit import load, save_pruned
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
-from prunekit.invariance import RMSNorm, make_invariant, writer
 from prunekit.methods import SliceGPTConfig, prune
 from prunekit.methods.slicegpt import principal_basis, project, rotate_and_slice
 from prunekit.models import get_adapter, linear_weight, parameter_counts
 from prunekit.sequential import EngineConfig
+from prunekit.surgery.hidden import RMSNorm, make_invariant, writer
 from test_cli import error_line, run
 from tiny_models import SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer, tokens
 

@@ -9,16 +9,14 @@ from transformers import AutoModelForCausalLM, Phi3Config
 from transformers.pytorch_utils import Conv1D
 
 from prunekit.models import get_adapter, linear_weight
-from prunekit.surgery import (
-    SurgeryError,
+from prunekit.surgery.linear import SurgeryError, slice_columns, slice_rows
+from prunekit.surgery.width import (
     block_shape,
     heads_for_even_query_removal,
     heads_for_kv_group_removal,
     kv_heads_for,
     prune_attention_heads,
     prune_mlp_neurons,
-    slice_columns,
-    slice_rows,
     update_config_uniform,
 )
 from tiny_models import FAMILIES, tiny_model, tokens

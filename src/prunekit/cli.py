@@ -110,7 +110,7 @@ def eval_ppl(
     """Perplexity over non-overlapping windows (loss in float32)."""
     from prunekit.data import load_text
     from prunekit.evaluate import perplexity
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     _check_json(json_out)
     text = load_text(data)
@@ -140,7 +140,7 @@ def eval_zeroshot(
 ):
     """Zero-shot accuracy on local copies of the standard sets, scored as lm-evaluation-harness scores them."""
     from prunekit.evaluate.zeroshot import check_tasks, evaluate_zeroshot
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     check_tasks(names, limit)  # unknown names, then missing files, fail before the model loads
@@ -282,7 +282,8 @@ def prune(
 ):
     """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
     from prunekit.data import calibration, load_text
-    from prunekit.io import check_folder_path, check_format, check_output
+    from prunekit.io.files import check_folder_path, check_output
+    from prunekit.io.save import check_format
     from prunekit.sequential import EngineConfig
 
     _at_least(nsamples, "--nsamples")
@@ -350,7 +351,7 @@ def prune(
     engine = EngineConfig(
         device=_device(device), batch_size=batch_size, propagate=propagate, checkpoint_dir=checkpoint_dir
     )
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     # A lazy model stays on disk and the CPU; the engine brings each block to the compute device.
     lm, tokenizer = load(
@@ -417,8 +418,9 @@ def run_prune_job(
 ) -> dict:
     """Evaluate, prune, evaluate, save: the job shared by ``prune`` and ``demo``."""
     from prunekit.evaluate import perplexity
-    from prunekit.io import build_manifest, save_pruned
-    from prunekit.loading import resolve_folder
+    from prunekit.io.load import resolve_folder
+    from prunekit.io.manifest import build_manifest
+    from prunekit.io.save import save_pruned
     from prunekit.methods import prune as run_method
     from prunekit.models import parameter_counts
 
@@ -507,8 +509,10 @@ def prune_retrain_command(
     zero), prune further, along the schedule."""
     from prunekit.data import calibration, load_text
     from prunekit.evaluate import perplexity
-    from prunekit.io import build_manifest, check_output, save_pruned
-    from prunekit.loading import load, resolve_folder
+    from prunekit.io.files import check_output
+    from prunekit.io.load import load, resolve_folder
+    from prunekit.io.manifest import build_manifest
+    from prunekit.io.save import save_pruned
     from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain
     from prunekit.recover import FinetuneConfig
 
@@ -593,7 +597,7 @@ def recover(
 ):
     """Recover a pruned model's quality by LoRA, continued pretraining or distillation; runs under
     `accelerate launch` (DDP, FSDP) unchanged."""
-    from prunekit.io import check_folder_path, check_output
+    from prunekit.io.files import check_folder_path, check_output
     from prunekit.recover import LoraSettings, RecoverConfig
     from prunekit.recover.train import make_accelerator
 
@@ -647,8 +651,9 @@ def run_recover_job(
 ) -> dict:  # fmt: skip
     """Load, train (every process), evaluate and save (the main process); the report as ``prunekit.json`` has it."""
     from prunekit.evaluate import perplexity
-    from prunekit.io import build_manifest, save_pruned
-    from prunekit.loading import load, resolve_folder
+    from prunekit.io.load import load, resolve_folder
+    from prunekit.io.manifest import build_manifest
+    from prunekit.io.save import save_pruned
     from prunekit.plots import loss_curve_png
     from prunekit.recover import TeacherTopK, load_train_data, precompute_teacher_topk
     from prunekit.recover import recover as train
@@ -701,7 +706,7 @@ def run_recover_job(
 
 
 def _read_manifest(folder: Path | None) -> dict:
-    from prunekit.io import MANIFEST
+    from prunekit.io.files import MANIFEST
 
     path = folder / MANIFEST if folder is not None else None
     if path is None or not path.is_file():
@@ -730,7 +735,7 @@ def bench(
     """Prefill latency, decode tokens/s, memory, parameters and MACs per token, all models timed
     interleaved in one run; speed-ups over the first as medians of per-round ratios with their quartiles."""
     from prunekit.evaluate.bench import benchmark
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     sizes, lengths = _integers(batch_sizes, "--batch-sizes"), _integers(prompt_lengths, "--prompt-lengths")
     models = {name: load(name, dtype=dtype, device=_device(device))[0] for name in dict.fromkeys(model)}
@@ -778,9 +783,10 @@ def unpack(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
 ):
     """Restore a compact folder to a standard Hugging Face folder that any tool loads."""
-    from prunekit.compact import COMPACT_FILE
-    from prunekit.io import MANIFEST, check_output, save_pruned
-    from prunekit.loading import load
+    from prunekit.io.compact import COMPACT_FILE
+    from prunekit.io.files import MANIFEST, check_output
+    from prunekit.io.load import load
+    from prunekit.io.save import save_pruned
 
     if not Path(model).is_dir():
         raise PrunekitError(f"--model {model} is not a folder; pass a folder saved with --format compact")

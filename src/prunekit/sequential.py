@@ -30,8 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.errors import PrunekitError, StopForward
-from prunekit.lazy import is_lazy, materialize, release, weight_source
+from prunekit.io.lazy import is_lazy, materialize, weight_source
 from prunekit.models import Block, get_adapter
+from prunekit.surgery.config import release
 
 log = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
     """Run every missing point of ``config``, time every point against dense, then write the results,
     the report and the plots to ``out``."""
     from prunekit.data import load_text
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     start = time.perf_counter()
     out = Path(out)
@@ -145,8 +145,9 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
 
 def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, text, folder: Path) -> dict:
     from prunekit.data import calibration
-    from prunekit.io import build_manifest, save_pruned
-    from prunekit.loading import load
+    from prunekit.io.load import load
+    from prunekit.io.manifest import build_manifest
+    from prunekit.io.save import save_pruned
     from prunekit.methods import calibration_defaults, prune
     from prunekit.sequential import EngineConfig
 
@@ -189,7 +190,7 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
     )
     teacher = None
     if mode == "distill":
-        from prunekit.loading import load
+        from prunekit.io.load import load
 
         teacher = load(config.model)[0]
     _, report = recover(model, data, settings, teacher=teacher, progress=config.progress)
@@ -226,7 +227,7 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
     only mean something when both models ran under the same load). The dense row's absolute figures
     are the medians of its timings over all comparisons."""
     from prunekit.evaluate import compare_speed
-    from prunekit.loading import load
+    from prunekit.io.load import load
 
     dense_prefill, dense_decode = [], []
     for name, point in zip(names, result.points, strict=True):
@@ -294,8 +295,8 @@ def _provenance(config: StudyConfig, text) -> dict:
     import transformers
 
     from prunekit import __version__
-    from prunekit.io import folder_sha256
-    from prunekit.loading import resolve_folder
+    from prunekit.io.files import folder_sha256
+    from prunekit.io.load import resolve_folder
 
     folder = resolve_folder(config.model)
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "ratios", "recover")}

@@ -69,8 +69,8 @@ def macs_per_token(model, prompt_tokens: int) -> tuple[float, float]:
 
 def _query_widths(model) -> list[int]:
     """Each block's attention width (heads x head size); 0 where depth pruning removed the attention."""
-    from prunekit.depth_surgery import kept_sublayers
     from prunekit.models import get_adapter, linear_weight
+    from prunekit.surgery.depth import kept_sublayers
 
     adapter = get_adapter(model)
     widths = []

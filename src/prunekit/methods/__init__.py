@@ -121,7 +121,7 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
 
 def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig) -> tuple[EngineReport, dict]:
     """A per-block method in the sequential engine: prepare, every block, finish."""
-    from prunekit.depth_surgery import has_removed_sublayers
+    from prunekit.surgery.depth import has_removed_sublayers
 
     if has_removed_sublayers(model):
         raise PrunekitError(

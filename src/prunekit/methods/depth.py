@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from prunekit.depth_surgery import has_removed_sublayers
 from prunekit.errors import PrunekitError
-from prunekit.invariance import describe_hidden
-from prunekit.lazy import is_lazy
+from prunekit.io.lazy import is_lazy
 from prunekit.methods import register_whole_model
 from prunekit.methods.depth_scores import CRITERIA, Context, Network, Unit, angular_runs
 from prunekit.models import parameter_counts
 from prunekit.sequential import EngineReport
+from prunekit.surgery.depth import has_removed_sublayers
+from prunekit.surgery.hidden import describe_hidden
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,11 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError, StopForward
-from prunekit.invariance import (
+from prunekit.io.lazy import is_lazy
+from prunekit.methods import register_whole_model
+from prunekit.models import get_adapter
+from prunekit.sequential import EngineReport, call_block, capture
+from prunekit.surgery.hidden import (
     hidden_width,
     make_invariant,
     norm_before,
@@ -37,10 +41,6 @@ from prunekit.invariance import (
     rotate_readers,
     slice_hidden,
 )
-from prunekit.lazy import is_lazy
-from prunekit.methods import register_whole_model
-from prunekit.models import get_adapter
-from prunekit.sequential import EngineReport, call_block, capture
 from prunekit.threads import fixed_threads
 
 ORIENTATIONS = ("pca", "random")
@@ -149,7 +149,7 @@ def slicegpt_prune(config: SliceGPTConfig, model, calibration, engine) -> tuple[
 def rotate_and_slice(model, tokens: torch.Tensor, size: int, config: SliceGPTConfig, engine) -> EngineReport:
     """Make ``model`` invariant, rotate it block by block, slice its stream to ``size`` (``size`` = the
     width rotates without slicing: the function is unchanged, which is what the tests check)."""
-    from prunekit.depth_surgery import has_removed_sublayers
+    from prunekit.surgery.depth import has_removed_sublayers
 
     if has_removed_sublayers(model):
         raise PrunekitError("SliceGPT needs both sub-layers of every block; slice the model before depth pruning")

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.lazy import is_lazy
+from prunekit.io.lazy import is_lazy
 from prunekit.methods import register
 from prunekit.methods.allocation import Geometry, Shape, explicit_shape, global_shapes, uniform_shape
 from prunekit.methods.importance import AGGREGATIONS, TAYLOR_ORDERS, aggregate, fluctuation, magnitude, taylor, wanda_sp
@@ -37,10 +37,9 @@ from prunekit.methods.stats import InputMoments, on_inputs
 from prunekit.methods.taylor import Gradients, accumulate_gradients
 from prunekit.models import get_adapter, linear_weight
 from prunekit.sequential import run_sequential
-from prunekit.surgery import (
-    SurgeryError,
-    _reference_shapes,
-    add_output_bias,
+from prunekit.surgery.config import reference_shapes
+from prunekit.surgery.linear import SurgeryError, add_output_bias
+from prunekit.surgery.width import (
     block_shape,
     express_added_biases,
     heads_for_even_query_removal,
@@ -373,7 +372,7 @@ def check_bias_expressible(model) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if hasattr(config, flag):
             setattr(config, flag, True)
-    possible = _reference_shapes(model, config)
+    possible = reference_shapes(model, config)
     missing = [names[id(m)] for m in (block.attention.o, block.mlp.down) if f"{names[id(m)]}.bias" not in possible]
     if missing:
         raise PrunekitError(
@@ -479,7 +478,7 @@ def width_finish(plan: WidthPlan, model) -> dict:
 
     Otherwise (blocks of different widths; OPT / GPT-2 with heads removed; added biases the family's
     config has no flag for) the config keeps the dense widths and the saved folder gets a shape
-    manifest that ``prunekit.load_pruned`` rebuilds from.
+    manifest that ``prunekit.load`` rebuilds from.
     """
     flags = express_added_biases(model)
     try:
@@ -490,7 +489,7 @@ def width_finish(plan: WidthPlan, model) -> dict:
 
 def width_restore(plan: WidthPlan, block, report: dict) -> None:
     """Give a block the shape (and biases) a checkpoint recorded; the checkpoint's weights then overwrite it."""
-    from prunekit.shapes import editable_on_meta  # a lazy model's blocks are on meta here
+    from prunekit.surgery.config import editable_on_meta  # a lazy model's blocks are on meta here
 
     heads, kv_heads = block.attention.num_heads, block.attention.num_kv_heads
     with editable_on_meta(block.module):

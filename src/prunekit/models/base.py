@@ -16,6 +16,11 @@ from torch import nn
 from prunekit.errors import PrunekitError
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer that stores its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D"
+
+
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer as [out_features, in_features] (a view: writes go through).
 
@@ -23,7 +28,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     """
     if isinstance(module, nn.Linear):
         return module.weight
-    if type(module).__name__ == "Conv1D":
+    if is_conv1d(module):
         return module.weight.t()
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
@@ -44,7 +49,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ModelAdapter:
 
     def block(self, index: int) -> Block:
         module = self.blocks()[index]
-        return Block(module, index, _heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
+        return Block(module, index, heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
 
     def rotation_problem(self) -> str | None:
         """Why rotating the residual stream (SliceGPT) would change this model's function; ``None`` if it would not."""
@@ -156,7 +161,7 @@ class ModelAdapter:
         return heads, kv, head_dim
 
 
-def _heads_from_weights(attn: Attention) -> Attention:
+def heads_from_weights(attn: Attention) -> Attention:
     """Head counts as the weights say: after head pruning the config may not have caught up yet."""
     q_width = linear_weight(attn.o).shape[1]
     kv_width = (

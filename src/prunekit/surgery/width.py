@@ -1,4 +1,4 @@
-"""Physical edits for width pruning: slice linears, remove MLP neurons and attention heads, update the config.
+"""Width surgery: remove MLP neurons and attention heads of a block, and write a uniform result into the config.
 
 Everything here works on the adapter's ``Block`` view, so nothing names an architecture. What the
 families' forwards need after an edit (read from transformers' modeling files):
@@ -17,7 +17,7 @@ families' forwards need after an edit (read from transformers' modeling files):
   the ``intermediate_size`` attribute some MLPs keep is updated for consistency.
 
 Because Phi-3 reads head counts from the config that all blocks share, a block whose head counts
-differ from the config gets a ``_BlockConfig`` view (the shared config with its own two counts).
+differ from the config gets a ``BlockConfig`` view (the shared config with its own two counts).
 ``update_config_uniform`` writes the counts into the shared config and removes the views.
 """
 
@@ -31,103 +31,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError
 from prunekit.models import Block, get_adapter, linear_weight
+from prunekit.surgery.config import BlockConfig, base_config, config_mismatches, module_shapes, reference_shapes
+from prunekit.surgery.linear import (
+    SurgeryError,
+    add_output_bias,
+    in_features,
+    out_features,
+    owner_of,
+    slice_columns,
+    slice_rows,
+    sorted_unique,
+)
 
 # The config names of the MLP width, first match wins (Llama & co., OPT, GPT-2).
 INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
-
-
-class SurgeryError(PrunekitError, ValueError):
-    """An edit the model (or its config) cannot express. A ``ValueError`` too, for library callers."""
-
-
-# -- linears ---------------------------------------------------------------------------------------
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
-
-
-def _index(keep, size: int, what: str, device: torch.device) -> torch.Tensor:
-    """``keep`` (indices or a boolean mask of length ``size``) as a LongTensor, range-checked."""
-    keep = torch.as_tensor(keep, device=device)
-    if keep.dtype == torch.bool:
-        if keep.shape != (size,):
-            raise SurgeryError(f"{what}: a boolean mask must have shape ({size},), got {tuple(keep.shape)}")
-        return keep.nonzero().flatten()
-    keep = keep.long().flatten()
-    if keep.numel() and (keep.min() < 0 or keep.max() >= size):
-        raise SurgeryError(f"{what}: indices must lie in [0, {size}), got min {keep.min()} max {keep.max()}")
-    return keep
-
-
-def _sorted_unique(keep, size: int, what: str) -> torch.Tensor:
-    """Channels to keep, sorted, without duplicates, at least one."""
-    keep = _index(keep, size, what, torch.device("cpu"))
-    if keep.numel() == 0:
-        raise SurgeryError(f"{what}: nothing would be kept; keep at least one")
-    if keep.unique().numel() != keep.numel():
-        raise SurgeryError(f"{what}: duplicate indices in {keep.tolist()}")
-    return keep.sort().values
-
-
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Swap a Parameter for a new one holding ``value`` (same dtype and device; same requires_grad)."""
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-@torch.no_grad()
-def slice_rows(linear: nn.Module, keep) -> None:
-    """Keep only the output features ``keep`` (in that order) of an ``nn.Linear`` or ``Conv1D``.
-
-    Output features are rows of an ``nn.Linear`` weight [out, in] and columns of a ``Conv1D``
-    weight [in, out]; the bias (indexed by output) follows in both.
-    """
-    conv = _is_conv1d(linear)
-    if not conv and not isinstance(linear, nn.Linear):
-        raise TypeError(f"{type(linear).__name__} is not a linear layer")
-    out_features = linear.weight.shape[1] if conv else linear.weight.shape[0]
-    keep = _index(keep, out_features, "slice_rows", linear.weight.device)
-    _replace(linear, "weight", linear.weight.index_select(1 if conv else 0, keep))
-    if linear.bias is not None:
-        _replace(linear, "bias", linear.bias.index_select(0, keep))
-    if conv:
-        linear.nf = keep.numel()  # Conv1D.forward shapes its output with nf
-    else:
-        linear.out_features = keep.numel()
-
-
-@torch.no_grad()
-def slice_columns(linear: nn.Module, keep) -> None:
-    """Keep only the input features ``keep`` (in that order) of an ``nn.Linear`` or ``Conv1D``; bias unchanged."""
-    conv = _is_conv1d(linear)
-    if not conv and not isinstance(linear, nn.Linear):
-        raise TypeError(f"{type(linear).__name__} is not a linear layer")
-    in_features = linear.weight.shape[0] if conv else linear.weight.shape[1]
-    keep = _index(keep, in_features, "slice_columns", linear.weight.device)
-    _replace(linear, "weight", linear.weight.index_select(0 if conv else 1, keep))
-    if conv:
-        linear.nx = keep.numel()
-    else:
-        linear.in_features = keep.numel()
-
-
-def _out_features(linear: nn.Module) -> int:
-    return linear_weight(linear).shape[0]
-
-
-def _in_features(linear: nn.Module) -> int:
-    return linear_weight(linear).shape[1]
-
-
-def _owner(root: nn.Module, child: nn.Module) -> nn.Module:
-    """The module that holds ``child`` as a direct attribute (the attention or MLP module)."""
-    for module in root.modules():
-        if any(c is child for c in module.children()):
-            return module
-    raise LookupError(f"{type(child).__name__} is not inside {type(root).__name__}")
 
 
 # -- shapes ----------------------------------------------------------------------------------------
@@ -146,12 +64,12 @@ class BlockShape:
 def block_shape(block: Block) -> BlockShape:
     """Read the current shape of a block from its weights. ``head_dim`` never changes with head pruning."""
     attn, head_dim = block.attention, block.attention.head_dim
-    q_width = _in_features(attn.o)  # o takes the concatenated heads
+    q_width = in_features(attn.o)  # o takes the concatenated heads
     # k and v are as wide as each other: the fused [q; k; v] rows minus q, halved.
-    kv_width = (_out_features(attn.qkv) - q_width) // 2 if attn.qkv is not None else _out_features(attn.k)
+    kv_width = (out_features(attn.qkv) - q_width) // 2 if attn.qkv is not None else out_features(attn.k)
     if q_width % head_dim or kv_width % head_dim:
         raise SurgeryError(f"block {block.index}: attention widths {q_width}, {kv_width} are not heads of {head_dim}")
-    return BlockShape(_in_features(block.mlp.down), q_width // head_dim, kv_width // head_dim, head_dim)
+    return BlockShape(in_features(block.mlp.down), q_width // head_dim, kv_width // head_dim, head_dim)
 
 
 # -- MLP neurons -----------------------------------------------------------------------------------
@@ -165,8 +83,8 @@ def prune_mlp_neurons(block: Block, keep) -> None:
     GPT-2 c_fc/c_proj): rows of fc1 with its bias, columns of fc2 (fc2's bias stays).
     """
     mlp = block.mlp
-    width = _in_features(mlp.down)
-    keep = _sorted_unique(keep, width, f"block {block.index} MLP neurons")
+    width = in_features(mlp.down)
+    keep = sorted_unique(keep, width, f"block {block.index} MLP neurons")
     if mlp.gate_up is not None:
         slice_rows(mlp.gate_up, torch.cat([keep, keep + width]))
     else:
@@ -174,19 +92,9 @@ def prune_mlp_neurons(block: Block, keep) -> None:
             slice_rows(mlp.gate, keep)
         slice_rows(mlp.up, keep)
     slice_columns(mlp.down, keep)
-    owner = _owner(block.module, mlp.down)
+    owner = owner_of(block.module, mlp.down)
     if isinstance(getattr(owner, "intermediate_size", None), int):
         owner.intermediate_size = keep.numel()  # metadata only in every family we support
-
-
-def add_output_bias(linear: nn.Module, delta: torch.Tensor) -> None:
-    """Add ``delta`` to the linear's output bias, creating the bias if it has none (FLAP's compensation)."""
-    delta = delta.to(dtype=linear_weight(linear).dtype, device=linear_weight(linear).device)
-    if getattr(linear, "bias", None) is None:
-        linear.bias = nn.Parameter(delta.clone(), requires_grad=linear_weight(linear).requires_grad)
-    else:
-        with torch.no_grad():
-            linear.bias += delta
 
 
 # -- attention heads -------------------------------------------------------------------------------
@@ -206,7 +114,7 @@ def kv_heads_for(num_heads: int, num_kv_heads: int, keep_query_heads) -> tuple[t
     """
     if num_heads % num_kv_heads:
         raise SurgeryError(f"{num_heads} query heads do not split into {num_kv_heads} KV groups")
-    keep = _sorted_unique(keep_query_heads, num_heads, "query heads")
+    keep = sorted_unique(keep_query_heads, num_heads, "query heads")
     group = num_heads // num_kv_heads
     kv, counts = torch.unique(keep // group, return_counts=True)
     if (counts != counts[0]).any():
@@ -217,45 +125,6 @@ def kv_heads_for(num_heads: int, num_kv_heads: int, keep_query_heads) -> tuple[t
             "(heads_for_kv_group_removal) or the same number per group (heads_for_even_query_removal)"
         )
     return kv, int(counts[0])
-
-
-class _BlockConfig:
-    """The shared model config as one attention module should see it: its own head counts, the rest shared.
-
-    Reads and writes of every other attribute go to the shared config, so a later
-    ``set_attn_implementation`` still reaches this module.
-    """
-
-    __slots__ = ("_base", "_own")
-
-    def __init__(self, base, own: dict):
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_own", dict(own))
-
-    def __getattr__(self, name):  # only called for names not found normally, i.e. not the slots
-        if name.startswith("__"):
-            raise AttributeError(name)
-        own = object.__getattribute__(self, "_own")
-        return own[name] if name in own else getattr(object.__getattribute__(self, "_base"), name)
-
-    def __setattr__(self, name, value):
-        if name in self._own:
-            self._own[name] = value
-        else:
-            setattr(self._base, name, value)
-
-    def __deepcopy__(self, memo):
-        return _BlockConfig(copy.deepcopy(self._base, memo), self._own)
-
-    def __reduce__(self):
-        return _BlockConfig, (self._base, self._own)
-
-    def __repr__(self):
-        return f"_BlockConfig({self._own} over {type(self._base).__name__})"
-
-
-def _base_config(config):
-    return config._base if isinstance(config, _BlockConfig) else config
 
 
 def _set_module_head_counts(module: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -271,7 +140,7 @@ def _set_module_head_counts(module: nn.Module, num_heads: int, num_kv_heads: int
     config = getattr(module, "config", None)
     if config is None or not hasattr(config, "num_attention_heads"):
         return
-    base = _base_config(config)
+    base = base_config(config)
     own = {"num_attention_heads": num_heads}
     if hasattr(base, "num_key_value_heads"):
         own["num_key_value_heads"] = num_kv_heads
@@ -281,7 +150,7 @@ def _set_module_head_counts(module: nn.Module, num_heads: int, num_kv_heads: int
     if all(getattr(base, k) == v for k, v in own.items()):
         module.config = base
     else:
-        module.config = _BlockConfig(base, own)
+        module.config = BlockConfig(base, own)
 
 
 def prune_attention_heads(block: Block, keep_query_heads) -> None:
@@ -295,7 +164,7 @@ def prune_attention_heads(block: Block, keep_query_heads) -> None:
     attn = block.attention
     shape = block_shape(block)
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    keep = _sorted_unique(keep_query_heads, heads, f"block {block.index} query heads")
+    keep = sorted_unique(keep_query_heads, heads, f"block {block.index} query heads")
     kv_keep, _ = kv_heads_for(heads, kv_heads, keep)
     q_rows = _head_rows(keep, head_dim)
     if attn.qkv is not None:
@@ -309,7 +178,7 @@ def prune_attention_heads(block: Block, keep_query_heads) -> None:
         slice_rows(attn.k, kv_rows)
         slice_rows(attn.v, kv_rows)
     slice_columns(attn.o, q_rows)
-    _set_module_head_counts(_owner(block.module, attn.o), keep.numel(), kv_keep.numel(), head_dim)
+    _set_module_head_counts(owner_of(block.module, attn.o), keep.numel(), kv_keep.numel(), head_dim)
 
 
 # -- GQA policies ----------------------------------------------------------------------------------
@@ -354,27 +223,6 @@ def heads_for_even_query_removal(num_heads: int, num_kv_heads: int, remove_per_g
     return torch.tensor(keep, dtype=torch.long)
 
 
-# -- config ----------------------------------------------------------------------------------------
-
-
-def _shapes(module: nn.Module) -> dict[str, tuple]:
-    return {n: tuple(t.shape) for n, t in [*module.named_parameters(), *module.named_buffers()]}
-
-
-def _reference_shapes(model: nn.Module, config) -> dict[str, tuple]:
-    """Parameter and buffer shapes of a model built from ``config`` on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        return _shapes(type(model)(copy.deepcopy(config)))
-
-
-def _shape_mismatches(model: nn.Module, config) -> list[str]:
-    """Where a model built from ``config`` differs from ``model``."""
-    ours, theirs = _shapes(model), _reference_shapes(model, config)
-    problems = [f"{n}: {ours.get(n)} here, {theirs.get(n)} from the config" for n in ours if ours[n] != theirs.get(n)]
-    problems += [f"{n}: missing here" for n in theirs if n not in ours]
-    return problems
-
-
 def express_added_biases(model: nn.Module) -> list[str]:
     """Turn on the config's bias flags (Llama's ``attention_bias`` / ``mlp_bias``) that cover biases a method added.
 
@@ -382,16 +230,16 @@ def express_added_biases(model: nn.Module) -> list[str]:
     computes the same and stays a standard folder. Families with no such flag keep the added biases
     as extra parameters, which the shape manifest describes. Returns the flags turned on.
     """
-    config = _base_config(model.config)
+    config = base_config(model.config)
     turned_on = []
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, None) is not False:
             continue
-        ours = _shapes(model)
-        before = set(ours) - set(_reference_shapes(model, config))
+        ours = module_shapes(model)
+        before = set(ours) - set(reference_shapes(model, config))
         candidate = copy.deepcopy(config)
         setattr(candidate, flag, True)
-        theirs = _reference_shapes(model, candidate)
+        theirs = reference_shapes(model, candidate)
         missing = [n for n in theirs if n not in ours]
         if len(set(ours) - set(theirs)) >= len(before) or not all(n.endswith(".bias") for n in missing):
             continue
@@ -424,7 +272,7 @@ def update_config_uniform(model: nn.Module) -> dict[str, int]:
         listing = "; ".join(f"block {i}: {s}" for i, s in enumerate(shapes))
         raise SurgeryError(f"blocks differ in width, so one config cannot describe them ({listing}); use a manifest")
     shape = shapes[0]
-    config = _base_config(model.config)
+    config = base_config(model.config)
     if shape.num_kv_heads != shape.num_heads and not hasattr(config, "num_key_value_heads"):
         raise SurgeryError(f"{type(config).__name__} has no num_key_value_heads for {shape}")
 
@@ -447,7 +295,7 @@ def update_config_uniform(model: nn.Module) -> dict[str, int]:
     except Exception as err:  # a config validator refused the new shape
         problems = [f"the config does not validate: {err}".splitlines()[0]]
     else:
-        problems = _shape_mismatches(model, reloaded)
+        problems = config_mismatches(model, reloaded)
     if problems:
         heads_changed = shape.num_heads != config.num_attention_heads
         hint = (
@@ -463,6 +311,6 @@ def update_config_uniform(model: nn.Module) -> dict[str, int]:
         setattr(config, k, v)
     # The shared config now has every block's head counts: drop the per-block views.
     for module in model.modules():
-        if isinstance(getattr(module, "config", None), _BlockConfig):
+        if isinstance(getattr(module, "config", None), BlockConfig):
             module.config = module.config._base
     return values

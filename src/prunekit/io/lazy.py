@@ -6,7 +6,7 @@ frequencies are computed for real), loads everything outside the decoder blocks,
 materialises one block at a time from that map; once a block is pruned and checkpointed, its
 entries point at the checkpoint file and the block goes back to meta. Saving streams the weights
 from the map, so a model larger than memory never has to be whole in memory. A folder with a shape
-manifest (``prunekit.shapes``) is reshaped on meta before anything is read.
+manifest (``prunekit.io.shapes``) is reshaped on meta before anything is read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from safetensors import safe_open
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.io.shapes import apply_shapes
 from prunekit.models import get_adapter, tied_parameter_names
+from prunekit.surgery.config import empty_model, set_parameter
 
 SOURCE_ATTR = "prunekit_weight_source"
 
@@ -63,29 +65,10 @@ def weight_source(model: nn.Module) -> WeightSource | None:
     return getattr(model, SOURCE_ATTR, None)
 
 
-def empty_model(config, dtype: torch.dtype) -> nn.Module:
-    """The model ``config`` describes with its parameters on meta (nothing allocated) and its buffers real.
-
-    Buffers such as rotary frequencies are computed at construction and are in no checkpoint, so
-    they must not be left on meta. A tied head is tied here already (``init_empty_weights`` leaves
-    it a parameter of its own), so parameter names are those of a loaded model; loaders tie again
-    once the embeddings are read.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()
-    return model
-
-
 def load_lazy(folder: Path, config, dtype: torch.dtype, device, shapes: dict | None = None) -> nn.Module:
-    """A lazy model of ``folder``; ``shapes`` (a shape manifest, see ``prunekit.shapes``) reshapes it first."""
+    """A lazy model of ``folder``; ``shapes`` (a shape manifest, see ``prunekit.io.shapes``) reshapes it first."""
     model = empty_model(config, dtype)
     if shapes is not None:
-        from prunekit.shapes import apply_shapes
-
         apply_shapes(model, shapes)
     source = WeightSource(folder, dtype)
     setattr(model, SOURCE_ATTR, source)
@@ -133,19 +116,6 @@ def materialize(model: nn.Module, prefix: str, module: nn.Module, device) -> Non
     for name, param in list(module.named_parameters()):
         if param.is_meta:
             set_parameter(module, name, source.read(f"{prefix}.{name}").to(device))
-
-
-def release(module: nn.Module) -> None:
-    """Send a module's parameters back to meta, freeing their memory."""
-    for name, param in list(module.named_parameters()):
-        set_parameter(module, name, torch.empty_like(param, device="meta"))
-
-
-def set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    old = getattr(owner, attr)
-    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def is_lazy(model: nn.Module) -> bool:

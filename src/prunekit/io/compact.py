@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from prunekit.io.shapes import apply_shapes
 from prunekit.models import tied_parameter_names
 
 COMPACT_FILE = "model.compact.safetensors"
@@ -74,15 +75,13 @@ def read_compact_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_compact_model(folder: Path, config, dtype: torch.dtype, device, shapes: dict | None = None):
     """Rebuild the dense model from a compact folder (no pickles, no custom code).
 
-    ``shapes`` (a shape manifest, see ``prunekit.shapes``) reshapes the freshly built model before
+    ``shapes`` (a shape manifest, see ``prunekit.io.shapes``) reshapes the freshly built model before
     its weights are loaded, for outputs whose block widths the config cannot describe.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if shapes is not None:
-        from prunekit.shapes import apply_shapes
-
         apply_shapes(model, shapes)
     state = read_compact_weights(folder / COMPACT_FILE)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)

@@ -1,4 +1,4 @@
-"""Shape manifests: rebuild pruned models that their config cannot describe.
+"""The shape manifest: describe, and replay on a freshly built model, the shapes its config cannot describe.
 
 A config gives one width for every block, OPT and GPT-2 derive the head size from the head count,
 and no config has a flag for a bias a method added where the family has none (FLAP's compensation
@@ -15,7 +15,7 @@ keeps the original width, so a plain ``from_pretrained`` fails on the size misma
 
 A block whose attention or MLP sub-layer was removed (depth pruning) says so with ``"attention": false``
 or ``"mlp": false``; its widths for the missing part are the config's. Such a folder holds a zero-size
-tensor where the removed output projection's weight was (``prunekit.depth_surgery``), which a plain
+tensor where the removed output projection's weight was (``prunekit.surgery.depth``), which a plain
 ``from_pretrained`` refuses as a size mismatch rather than loading a model with random sub-layers.
 
 Loading builds the dense model on the meta device, reshapes it with the same surgery that pruned
@@ -28,32 +28,19 @@ that bias (transformers lists it as UNEXPECTED), so use ``prunekit.load`` for pr
 from __future__ import annotations
 
 import copy
-import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, fields
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunekit.depth_surgery import PARTS, kept_sublayers, remove_sublayer
 from prunekit.errors import PrunekitError
-from prunekit.invariance import apply_hidden, describe_hidden
-from prunekit.io import MANIFEST
-from prunekit.lazy import WeightSource, empty_model, load_parameters, release, set_parameter
-from prunekit.models import Block, get_adapter, is_linear, linear_weight, tied_parameter_names
-from prunekit.models.base import _heads_from_weights
-from prunekit.surgery import (
-    BlockShape,
-    _reference_shapes,
-    _shapes,
-    add_output_bias,
-    block_shape,
-    prune_attention_heads,
-    prune_mlp_neurons,
-)
+from prunekit.io.files import MANIFEST
+from prunekit.models import Block, get_adapter, heads_from_weights, is_linear, linear_weight
+from prunekit.surgery.config import editable_on_meta, empty_model, module_shapes, reference_shapes
+from prunekit.surgery.depth import PARTS, kept_sublayers, remove_sublayer
+from prunekit.surgery.hidden import apply_hidden, describe_hidden
+from prunekit.surgery.linear import add_output_bias
+from prunekit.surgery.width import BlockShape, block_shape, prune_attention_heads, prune_mlp_neurons
 
 BLOCK_KEYS = tuple(f.name for f in fields(BlockShape))
 RESAVE = f"config.json and {MANIFEST} do not belong together; re-save the model with prunekit"
@@ -70,7 +57,7 @@ def describe_shapes(model: nn.Module) -> dict | None:
     and buffer names and shapes. Otherwise ``PrunekitError``, so a save never writes a folder that
     cannot be loaded back. Meta (lazy) models work: only ``.shape`` is read.
     """
-    ours, dense = _shapes(model), _reference_shapes(model, model.config)
+    ours, dense = module_shapes(model), reference_shapes(model, model.config)
     if ours == dense:
         return None
     adapter = get_adapter(model)
@@ -78,7 +65,7 @@ def describe_shapes(model: nn.Module) -> dict | None:
     hidden = describe_hidden(model)
     if hidden is not None:  # the stream's own structure first: norms, shortcuts and width (SliceGPT)
         apply_hidden(rebuilt, hidden)
-        dense = _shapes(rebuilt)
+        dense = module_shapes(rebuilt)
     shapes = {
         "blocks": [_describe_block(adapter, i, get_adapter(rebuilt).block(i)) for i in range(adapter.num_blocks())],
         "extra_parameters": {name: list(shape) for name, shape in ours.items() if name not in dense},
@@ -86,7 +73,7 @@ def describe_shapes(model: nn.Module) -> dict | None:
     }
     rebuilt = empty_model(copy.deepcopy(model.config), model.dtype)
     apply_shapes(rebuilt, shapes)
-    theirs = _shapes(rebuilt)
+    theirs = module_shapes(rebuilt)
     differ = [n for n in {**ours, **theirs} if ours.get(n) != theirs.get(n)]
     problems = [f"{n}: {ours.get(n)} here, {theirs.get(n)} rebuilt" for n in differ]
     if problems:
@@ -107,7 +94,7 @@ def _describe_block(adapter, index: int, dense: Block) -> dict:
     kept = kept_sublayers(module)
     if all(kept.values()):
         return asdict(block_shape(adapter.block(index)))
-    attention = _heads_from_weights(adapter.attention(module)) if kept["attention"] else dense.attention
+    attention = heads_from_weights(adapter.attention(module)) if kept["attention"] else dense.attention
     mlp = adapter.mlp(module) if kept["mlp"] else dense.mlp
     entry = asdict(block_shape(Block(module, index, attention, mlp, {})))
     return {**entry, **{part: False for part in PARTS if not kept[part]}}
@@ -191,25 +178,6 @@ def _leading_heads(dense: BlockShape, target: BlockShape) -> torch.Tensor:
     return torch.tensor([g * group + q for g in range(target.num_kv_heads) for q in range(per_group)])
 
 
-@contextmanager
-def editable_on_meta(module: nn.Module) -> Iterator[None]:
-    """Let surgery edit a module whose parameters are on meta, and put the result back on meta.
-
-    Surgery range-checks its indices, which needs values a meta tensor does not have. Zero-stride
-    CPU stand-ins have shapes and values and take no memory; the slices taken from them are the
-    pruned size and are released again at once.
-    """
-    if not any(p.is_meta for p in module.parameters()):
-        yield
-        return
-    for name, param in list(module.named_parameters()):
-        set_parameter(module, name, torch.zeros((), dtype=param.dtype).expand(param.shape))
-    try:
-        yield
-    finally:
-        release(module)
-
-
 def _add_bias(model: nn.Module, name: str, shape) -> None:
     """Recreate an extra parameter: an output bias on a linear that has none (the only kind methods add)."""
     owner_name, _, attr = name.rpartition(".")
@@ -225,62 +193,3 @@ def _add_bias(model: nn.Module, name: str, shape) -> None:
             "on a linear layer that has none"
         )
     add_output_bias(owner, torch.zeros(width))
-
-
-# -- loading ---------------------------------------------------------------------------------------
-
-
-def read_shapes(folder: str | os.PathLike) -> dict | None:
-    """The shape manifest saved in ``folder``'s ``prunekit.json``; ``None`` when there is none."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PrunekitError(f"cannot read {path} ({str(err).splitlines()[0]}); fix or remove it") from None
-    return manifest.get("shapes") if isinstance(manifest, dict) else None
-
-
-def load_shaped_model(folder: Path, config, shapes: dict, dtype: torch.dtype, device) -> nn.Module:
-    """Build the model ``config`` and ``shapes`` describe on meta, then read each tensor once onto ``device``.
-
-    Strict, unlike ``from_pretrained``: every tensor the model expects must be in the folder and no
-    other (a tied head may be stored or not), since a tensor the manifest missed would otherwise be
-    left uninitialised.
-    """
-    model = empty_model(config, dtype)
-    apply_shapes(model, shapes)
-    source = WeightSource(folder, dtype)
-    tied = tied_parameter_names(model)
-    names = [name for name, _ in model.named_parameters() if name not in tied]
-    _check_complete(folder, source, names, tied)
-    load_parameters(model, source, names, device)
-    model.tie_weights()
-    untied = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
-    if untied:
-        raise PrunekitError(f"{folder}: {untied[:3]} did not tie to the weights they share; re-save the model")
-    return model.to(device)
-
-
-def _check_complete(folder: Path, source: WeightSource, names: list[str], tied: set[str]) -> None:
-    missing = [name for name in names if source.key_for(name) is None]
-    claimed = {source.key_for(name) for name in names} | tied
-    unexpected = [key for key in source.files if key not in claimed]
-    if missing or unexpected:
-        raise PrunekitError(
-            f"{folder} does not hold the safetensors weights its config and shape manifest describe: "
-            f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {RESAVE}"
-        )
-
-
-def load_pruned(path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """Load ``(model, tokenizer)`` from a folder prunekit saved, whatever its block shapes, in eval mode.
-
-    ``prunekit.load`` itself rebuilds a folder whose ``prunekit.json`` has ``"shapes"`` (and loads any
-    other folder as usual), so this is that call under the name that says what it is for. Weights
-    are read from safetensors only.
-    """
-    from prunekit.loading import load
-
-    return load(path, dtype=dtype, device=device)

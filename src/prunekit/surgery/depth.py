@@ -23,7 +23,7 @@ sequence length from the cache of layer 0. Each stand-in carries a zero-size par
 name of the removed output projection's weight (``...self_attn.o_proj.weight``, shape ``[0]``): the
 saved folder has a tensor whose shape no dense model has, so a plain ``from_pretrained`` stops with a
 size-mismatch error instead of silently filling the missing sub-layer with random weights.
-``prunekit.load`` rebuilds such a folder from its shape manifest (``prunekit.shapes``).
+``prunekit.load`` rebuilds such a folder from its shape manifest (``prunekit.io.shapes``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from prunekit.models import Block, get_adapter, linear_weight
-from prunekit.surgery import SurgeryError, _base_config, _owner
+from prunekit.surgery.config import base_config
+from prunekit.surgery.linear import SurgeryError, owner_of
 
 PARTS = ("attention", "mlp")
 
@@ -57,7 +58,7 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> dict:
     total = len(blocks)
     remove = _block_indices(indices, total)
     keep = [i for i in range(total) if i not in remove]
-    config = _base_config(model.config)
+    config = base_config(model.config)
     _check_movable(config)
     values = _config_values(config, keep, total)
     candidate = copy.deepcopy(config)
@@ -142,7 +143,7 @@ def _renamer(blocks_path: str, keep: list[int]):
 def _disagreements(model: nn.Module, config, rename=None) -> set[str]:
     """Parameters whose shape differs between ``model`` (names through ``rename``) and a model built from ``config``.
 
-    Parameters only, unlike ``surgery._shape_mismatches``: buffers may rightly change with the blocks (Gemma 3's
+    Parameters only, unlike ``surgery.config.config_mismatches``: buffers may rightly change with the blocks (Gemma 3's
     rotary tables exist per attention type, and removing every sliding block drops one)."""
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if rename is not None:
@@ -233,7 +234,7 @@ def sublayer_modules(block: Block, part: str) -> dict[str, nn.Module]:
 
     The attention module that owns the output projection; the MLP module likewise, or, for an MLP
     written inline in the block (OPT), its linears."""
-    owner = _owner(block.module, _output(block, part))
+    owner = owner_of(block.module, _output(block, part))
     if owner is not block.module:
         return {_path(block.module, owner): owner}
     if part == "attention":

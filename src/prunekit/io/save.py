@@ -1,4 +1,4 @@
-"""Saving pruned models: standard HF folders, written atomically, with a prunekit manifest.
+"""Saving models: standard HF folders (or prunekit's compact one), written atomically, with a manifest.
 
 The folder is written beside the target under a temporary name and renamed into place only when
 complete, so an interrupted save never leaves a folder that looks valid. ``prunekit.json`` records
@@ -9,50 +9,21 @@ block shapes that ``prunekit.shapes`` rebuilds them from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
-from prunekit.lazy import is_lazy, weight_source
+from prunekit.io.compact import save_compact_weights
+from prunekit.io.files import check_output, publish_permissions, replace_folder
+from prunekit.io.lazy import is_lazy, weight_source
+from prunekit.io.manifest import MANIFEST
+from prunekit.io.shapes import describe_shapes
 from prunekit.models import get_adapter, tied_parameter_names
-
-MANIFEST = "prunekit.json"
-
-
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing output before any work is done (and never replace a foreign folder)."""
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise PrunekitError(f"output {out} already exists; pass --overwrite to replace it or choose another --out")
-        if out.is_file():
-            raise PrunekitError(f"output {out} is a file; choose a folder path for --out")
-        if any(out.iterdir()) and not (out / MANIFEST).exists():
-            raise PrunekitError(
-                f"{out} exists and is not a prunekit output; refusing to replace it, choose another --out"
-            )
-    check_folder_path(out, "--out")
-    if not out.parent.is_dir():
-        raise PrunekitError(f"the parent folder of --out ({out.parent}) does not exist; create it first")
-    return out
-
-
-def check_folder_path(folder: str | os.PathLike, flag: str) -> None:
-    """Refuse a folder path that cannot be created because a file stands where one of its folders would."""
-    folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise PrunekitError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
-
 
 FORMATS = ("dense", "compact")
 
@@ -101,7 +72,7 @@ def save_pruned(
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
         publish_permissions(tmp)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,35 +81,12 @@ def save_pruned(
 
 def _with_shapes(manifest: dict, model) -> dict:
     """``manifest`` with the model's shape manifest, or without one (a stale one copied from an input goes)."""
-    from prunekit.shapes import describe_shapes
-
     shapes = describe_shapes(model)
     manifest = {key: value for key, value in manifest.items() if key != "shapes"}
     return manifest if shapes is None else {**manifest, "shapes": shapes}
 
 
-def publish_permissions(folder: Path) -> None:
-    """A temporary folder is private (0700); give the finished one the usual umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for file in folder.rglob("*"):
-        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_compact(model, folder: Path) -> dict:
-    from prunekit.compact import save_compact_weights
-
     tied = tied_parameter_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     model.config.save_pretrained(folder)
@@ -175,51 +123,3 @@ def _save_streaming(model, folder: Path) -> None:
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-
-
-def folder_sha256(folder: str | os.PathLike) -> str:
-    """sha256 over a model folder's config and weight files (names and contents, in sorted order)."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for file in sorted([folder / "config.json", *folder.glob("*.safetensors")]):
-        if file.exists():
-            digest.update(file.name.encode())
-            with open(file, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 23), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
-
-
-def build_manifest(
-    *,
-    source: str,
-    source_folder: Path | None,
-    method: str | None,
-    method_config: dict | None,
-    calibration: dict | None,
-    metrics: dict,
-    extra: dict | None = None,
-) -> dict:
-    import transformers
-
-    from prunekit import __version__
-
-    return {
-        "prunekit_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "method": method,
-        "method_config": method_config,
-        "source_model": {
-            "name": source,
-            "path": str(source_folder) if source_folder else None,
-            "sha256": folder_sha256(source_folder) if source_folder else None,
-        },
-        "calibration": calibration,
-        "metrics": metrics,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        **(extra or {}),
-    }
