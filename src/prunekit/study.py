@@ -31,58 +31,76 @@ from pathlib import Path
 
 import torch
 
+from prunekit.data import load_text
 from prunekit.errors import PrunekitError
+from prunekit.evaluate import compare_speed, perplexity
+from prunekit.evaluate.zeroshot import evaluate_zeroshot
+from prunekit.io.files import folder_sha256
+from prunekit.io.load import load, resolve_folder
+from prunekit.io.save import save_pruned
+from prunekit.jobs import calibration_for, prune_job
+from prunekit.methods import CONFIGS, study_variants
+from prunekit.models import get_adapter, parameter_counts
+from prunekit.plots import study_png
+from prunekit.recover import RecoverConfig, load_train_data, recover
+from prunekit.sequential import EngineConfig
 
 log = logging.getLogger(__name__)
-
-
-def _method_configs() -> dict[str, Callable[[float], object]]:
-    from prunekit.methods import DepthConfig, MagnitudeConfig, SliceGPTConfig, SparseGPTConfig, WandaConfig, WidthConfig
-
-    return {  # the best configuration of each kind measured in BENCHMARKS.md that prunes in minutes on a CPU
-        "width": lambda r: WidthConfig(r, importance="activation", prune_heads=False, allocation="global"),
-        "width-mlp": lambda r: WidthConfig(r, importance="activation", prune_heads=False, allocation="uniform"),
-        "depth": lambda r: DepthConfig(criterion="block-influence", target_params=r),
-        "slicegpt": lambda r: SliceGPTConfig(slice=r),
-        "wanda": lambda r: WandaConfig(sparsity=r),
-        "sparsegpt": lambda r: SparseGPTConfig(sparsity=r),
-        "magnitude": lambda r: MagnitudeConfig(sparsity=r),
-    }
-
-
-METHODS = ("width", "width-mlp", "depth", "slicegpt", "wanda", "sparsegpt", "magnitude")
-SPARSE = ("wanda", "sparsegpt", "magnitude")
 
 
 @dataclass
 class StudyConfig:
     model: str = "smollm2-135m"
+    """Model folder, hub id, or alias."""
     methods: tuple[str, ...] = ("width", "depth", "slicegpt", "wanda")
+    """Comma-separated study variants of the registered methods (see the report for what each ratio means)."""
     ratios: tuple[float, ...] = (0.1, 0.2, 0.3)
-    recover: str | None = None  # a recovery mode (lora, cpt, ...) run after pruning, besides the unrecovered point
+    """Comma-separated fractions to prune."""
+    recover: str | None = None
+    """Also recover every point: lora, cpt, cpt+lora or distill (the unrecovered point stays too)."""
     recover_steps: int = 50
-    recover_lr: float | None = None  # None: prunekit's defaults (LoRA 1e-4, full training 2e-5)
+    """Recovery steps (batch 8 x --train-seqlen)."""
+    recover_lr: float | None = None
+    """Peak recovery learning rate (default: LoRA 1e-4, full 2e-5)."""
     calib: str = "c4"
-    nsamples: int | None = None  # default: each method's own
-    calib_seqlen: int | None = None
+    """Calibration text."""
+    nsamples: int | None = None
+    """Calibration samples (default: each method's own)."""
+    calib_seqlen: int | None = field(default=None, metadata={"flag": "--seqlen"})
+    """Calibration sample length (default: each method's own)."""
     seed: int = 0
-    eval_data: str = "wikitext2"
+    """Calibration and training seed."""
+    eval_data: str = field(default="wikitext2", metadata={"flag": "--eval"})
+    """Perplexity text."""
     eval_seqlen: int = 512
+    """Perplexity window length."""
     max_windows: int | None = 64
+    """Perplexity windows (0: the whole text)."""
     tasks: tuple[str, ...] = ()
+    """Zero-shot tasks, comma-separated (local data; none by default)."""
     task_limit: int | None = None
+    """First N items of each zero-shot task."""
     train_data: str = "c4"
+    """Recovery training text."""
     train_seqlen: int = 256
+    """Recovery window length."""
     prompt_tokens: int = 512
+    """Speed: prompt length."""
     new_tokens: int = 32
-    repeats: int = 5  # interleaved speed rounds per point, after one warm-up round
-    threads: int | None = None  # intra-op threads while timing (None: torch's setting); recorded either way
-    progress: bool = True  # progress bars for pruning and perplexity
+    """Speed: greedy tokens generated, each timed."""
+    repeats: int = 5
+    """Speed: interleaved rounds of each point against dense, after one warm-up (median ratio and quartiles)."""
+    threads: int | None = None
+    """Speed: intra-op CPU threads while timing (default: torch's); recorded either way."""
+    progress: bool = field(default=True, metadata={"cli": False})  # progress bars for pruning and perplexity
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in METHODS]
+        variants = study_variants()
+        unknown = [m for m in self.methods if m not in variants]
         if unknown or not self.methods:
-            raise PrunekitError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+            raise PrunekitError(f"--methods: unknown {unknown}; choose from {', '.join(variants)}")
+        if self.max_windows == 0:
+            self.max_windows = None  # the whole text
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
             raise PrunekitError(f"--ratios must be fractions in (0, 1), got {list(self.ratios)}")
         if self.repeats < 3:
@@ -93,6 +111,22 @@ class StudyConfig:
     def points(self) -> list[tuple[str, float, str | None]]:
         recover = [None, self.recover] if self.recover else [None]
         return [(m, r, rec) for m in self.methods for r in self.ratios for rec in recover]
+
+
+def demo_config(eval_data: str = "kjv", max_windows: int = 16) -> StudyConfig:
+    """``prunekit demo``: width, depth, SliceGPT and Wanda at 20% on the embedded model, calibrated on packaged text."""
+    return StudyConfig(
+        model="smollm2-135m",
+        methods=("width", "depth", "slicegpt", "wanda"),
+        ratios=(0.2,),
+        calib="pydoc",  # Python's own documentation: always present, and not the evaluation text
+        nsamples=16,
+        eval_data=eval_data,
+        max_windows=max_windows,
+        prompt_tokens=256,
+        new_tokens=16,
+        repeats=5,
+    )
 
 
 @dataclass
@@ -112,8 +146,6 @@ class StudyResult:
 def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], None] = log.info) -> StudyResult:
     """Run every missing point of ``config``, time every point against dense, then write the results,
     the report and the plots to ``out``."""
-    from prunekit.data import load_text
-    from prunekit.io.load import load
 
     start = time.perf_counter()
     out = Path(out)
@@ -126,11 +158,11 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
     dense_row = _cached(dense_path, dense_key, lambda: _measure(dense, tokenizer, text, config))
     result = StudyResult(provenance, dense_row)
     names = []
-    for method, ratio, recover in config.points():
-        name = f"{method}-{ratio:g}" + (f"+{recover}" if recover else "")
+    for method, ratio, recovery in config.points():
+        name = f"{method}-{ratio:g}" + (f"+{recovery}" if recovery else "")
         path = out / "points" / f"{name}.json"
 
-        def compute(m=method, r=ratio, rec=recover, folder=path.with_suffix("")):
+        def compute(m=method, r=ratio, rec=recovery, folder=path.with_suffix("")):
             progress(f"{m} {r:g}{' + ' + rec if rec else ''}: pruning" + (" and recovering" if rec else ""))
             return _point(config, m, r, rec, text, folder)
 
@@ -144,44 +176,34 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
 
 
 def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, text, folder: Path) -> dict:
-    from prunekit.data import calibration
-    from prunekit.io.load import load
-    from prunekit.io.manifest import build_manifest
-    from prunekit.io.save import save_pruned
-    from prunekit.methods import calibration_defaults, prune
-    from prunekit.sequential import EngineConfig
-
     model, tokenizer = load(config.model)
-    method_config = _method_configs()[method](ratio)
-    samples, seqlen = calibration_defaults(method_config)
-    samples, seqlen = config.nsamples or samples, config.calib_seqlen or seqlen
-    calib = None
-    if method_config.needs_calibration:
-        calib = calibration(tokenizer, config.calib, samples, seqlen, config.seed)
-    started = time.perf_counter()
-    engine = EngineConfig(progress=config.progress, batch_size=min(8, samples))
-    prune(model, method_config, calib, engine)
+    method_config = study_variants()[method](ratio)
+    source = config.calib if method_config.needs_calibration else None
+    calib = calibration_for(method_config, tokenizer, source, config.nsamples, config.calib_seqlen, config.seed)
+    engine = EngineConfig(progress=config.progress, batch_size=min(8, len(calib.tokens)) if calib else 1)
+    report = prune_job(model, tokenizer, config.model, method_config, calib, engine)
     row = {
         "method": method,
         "ratio": ratio,
         "recover": recover,
-        "method_config": asdict(method_config),
-        "calibration": calib.describe() if calib else None,
-        "prune_seconds": time.perf_counter() - started,
+        "method_config": report["method_config"],
+        "calibration": report["calibration"],
+        "prune_seconds": report["metrics"]["prune_seconds"],
+        "sparse_weights": method_config.sparse_weights,
     }
     if recover:
-        row["recovery"] = _recover(model, tokenizer, config, recover, method in SPARSE)
+        row["recovery"] = _recover(model, tokenizer, config, recover, method_config.sparse_weights)
     row = {**row, **_measure(model, tokenizer, text, config)}
-    manifest = build_manifest(
-        source=config.model, source_folder=None, method=method, method_config=row["method_config"],
-        calibration=row["calibration"], metrics={"study_point": {k: row[k] for k in ("ratio", "recover", "ppl")}},
-    )  # fmt: skip
+    manifest = {
+        **report,
+        "metrics": {**report["metrics"], "study_point": {k: row[k] for k in ("ratio", "recover", "ppl")}},
+    }
+    manifest.pop("out")
     save_pruned(model, tokenizer, folder, manifest, overwrite=True)  # kept: every run times it against dense
     return row
 
 
 def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> dict:
-    from prunekit.recover import RecoverConfig, load_train_data, recover
 
     data = load_train_data(tokenizer, config.train_data, config.train_seqlen)
     steps, seed = config.recover_steps, config.seed
@@ -190,8 +212,6 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
     )
     teacher = None
     if mode == "distill":
-        from prunekit.io.load import load
-
         teacher = load(config.model)[0]
     _, report = recover(model, data, settings, teacher=teacher, progress=config.progress)
     return {
@@ -206,8 +226,6 @@ def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> 
 
 def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
     """The quality figures of one model (cached with its point); speed is timed apart, against dense."""
-    from prunekit.evaluate import perplexity
-    from prunekit.models import parameter_counts
 
     ppl = perplexity(model, tokenizer, text, config.eval_seqlen, config.max_windows, progress=config.progress)
     row = {
@@ -216,8 +234,6 @@ def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
         "ppl": ppl.ppl,
     }
     if config.tasks:
-        from prunekit.evaluate.zeroshot import evaluate_zeroshot
-
         row["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(config.tasks), limit=config.task_limit).to_dict()
     return row
 
@@ -226,8 +242,6 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
     """Time every point's saved model interleaved with the dense model (never from cache: speed ratios
     only mean something when both models ran under the same load). The dense row's absolute figures
     are the medians of its timings over all comparisons."""
-    from prunekit.evaluate import compare_speed
-    from prunekit.io.load import load
 
     dense_prefill, dense_decode = [], []
     for name, point in zip(names, result.points, strict=True):
@@ -261,7 +275,6 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
 
 
 def _nonzero_non_embedding(model) -> int:
-    from prunekit.models import get_adapter, parameter_counts
 
     adapter = get_adapter(model)
     outside = {id(m.weight) for m in [*adapter.embeddings(), adapter.lm_head()]}
@@ -295,8 +308,6 @@ def _provenance(config: StudyConfig, text) -> dict:
     import transformers
 
     from prunekit import __version__
-    from prunekit.io.files import folder_sha256
-    from prunekit.io.load import resolve_folder
 
     folder = resolve_folder(config.model)
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "ratios", "recover")}
@@ -330,12 +341,18 @@ def _quality_summary(point: dict, dense: dict) -> str:
 # -- writing ---------------------------------------------------------------------------------------------
 
 
+def _sparse(point: dict) -> bool:
+    """Does the point keep zeros in dense shapes (its size is then its non-zero count)? Older results lack the key."""
+    method = CONFIGS.get(point["method"])
+    return bool(point.get("sparse_weights", method is not None and method.sparse_weights))
+
+
 def table_rows(result: StudyResult) -> list[dict]:
     """One row per point with the derived figures the report and the plots use."""
     dense = result.dense
     rows = []
     for point in [{"method": "dense", "ratio": 0.0, "recover": None, **dense}, *result.points]:
-        size = point["nonzero_non_embedding"] if point["method"] in SPARSE else point["params"]["non_embedding"]
+        size = point["nonzero_non_embedding"] if _sparse(point) else point["params"]["non_embedding"]
         zeroshot = point.get("zeroshot", {}).get("mean_acc")
         speed = point["speed"]
         rows.append(
@@ -366,7 +383,6 @@ def _speedup_fields(key: str, ratio: dict) -> dict:
 
 
 def write_outputs(result: StudyResult, out: Path) -> None:
-    from prunekit.plots import study_png
 
     rows = table_rows(result)
     (out / "results.json").write_text(json.dumps({**result.to_dict(), "table": rows}, indent=2, default=str))

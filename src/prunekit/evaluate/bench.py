@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.evaluate.speed import compare_speed
+from prunekit.evaluate.speed import Ratio, compare_speed
 from prunekit.models import parameter_counts
 
 
@@ -37,6 +37,25 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def table(self) -> str:
+        """The models' sizes, then prefill and decode per setting with speed-ups [q1-q3] over the baseline."""
+        lines = ["model | params (non-emb) | weights MB | MACs/token (prefill, longest prompt)"]
+        for name, facts in self.models.items():
+            longest = max(facts.prefill_macs_per_token)
+            lines.append(
+                f"{name} | {facts.params['total']:,} ({facts.params['non_embedding']:,}) | {facts.weights_mb:.1f} | "
+                f"{facts.prefill_macs_per_token[longest] / 1e6:.1f}M"
+            )
+        threads = self.speed[0]["threads"] if self.speed else "?"
+        header = "model | batch x prompt | prefill ms | speed-up [q1-q3] | decode tok/s | speed-up [q1-q3]"
+        lines.append(f"{header}  ({threads} threads)")
+        for row in self.speed:
+            lines.append(
+                f"{row['model']} | {row['batch_size']} x {row['prompt_tokens']} | {row['prefill_ms']:.1f} | "
+                f"{Ratio(**row['prefill'])} | {row['decode_tokens_per_s']:.1f} | {Ratio(**row['decode'])}"
+            )
+        return "\n".join(lines)
 
     def ratios(self) -> list[dict]:
         """Each model's prefill and decode speed-up over the baseline (medians of interleaved rounds), per setting."""

@@ -376,6 +376,19 @@ class ZeroShotResult:
     def summary(self) -> str:
         return ", ".join(f"{n} {r.acc:.4f}" for n, r in self.tasks.items()) + f"; mean acc {self.mean_acc:.4f}"
 
+    def table(self) -> str:
+        """One line per task: items, acc, acc_norm, chance (and perplexity where the task has one)."""
+
+        def cell(value):
+            return "-" if value is None else f"{value:.4f}"
+
+        lines = [f"{'task':<14} {'items':>6} {'acc':>7} {'acc_norm':>8} {'chance':>7}"]
+        for name, r in self.tasks.items():
+            extra = f"  perplexity {r.perplexity:.3f}" if r.perplexity is not None else ""
+            lines.append(f"{name:<14} {r.items:>6} {cell(r.acc):>7} {cell(r.acc_norm):>8} {cell(r.chance):>7}{extra}")
+        lines.append(f"{'mean acc':<14} {'':>6} {cell(self.mean_acc):>7}")
+        return "\n".join(lines)
+
 
 def evaluate_zeroshot(
     model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8, progress: bool = True

@@ -18,10 +18,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
-from prunekit.io.compact import save_compact_weights
+from prunekit.io.compact import COMPACT_FILE, save_compact_weights
 from prunekit.io.files import check_output, publish_permissions, replace_folder
 from prunekit.io.lazy import is_lazy, weight_source
-from prunekit.io.manifest import MANIFEST
+from prunekit.io.load import load
+from prunekit.io.manifest import MANIFEST, read_manifest
 from prunekit.io.shapes import describe_shapes
 from prunekit.models import get_adapter, tied_parameter_names
 
@@ -77,6 +78,19 @@ def save_pruned(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def unpack_compact(folder: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Restore a compact folder (``--format compact``) to a standard Hugging Face folder that any tool loads."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PrunekitError(f"--model {folder} is not a folder; pass a folder saved with --format compact")
+    if not (folder / COMPACT_FILE).exists():
+        raise PrunekitError(f"{folder} holds no {COMPACT_FILE}; it is not a compact prunekit folder")
+    check_output(out, overwrite)
+    model, tokenizer = load(folder)
+    manifest = {k: v for k, v in read_manifest(folder).items() if k != "storage"}
+    return save_pruned(model, tokenizer, out, manifest, overwrite=overwrite)
 
 
 def _with_shapes(manifest: dict, model) -> dict:

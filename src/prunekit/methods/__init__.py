@@ -1,4 +1,5 @@
-"""Pruning methods: one file each, a config dataclass and a per-block function, joined by a registry.
+"""Pruning methods: one file each, a config dataclass and a per-block function, joined by a registry
+(``prunekit.methods.registry``).
 
 ``prune(model, config, calibration, engine)`` looks the config's type up in ``METHODS`` and runs
 its block function in the sequential engine. A method that cannot work block by block (depth
@@ -11,62 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
-from prunekit.sequential import BlockStep, EngineConfig, EngineReport, run_sequential
-
-
-@dataclass(frozen=True)
-class Method:
-    block: Callable[[object, BlockStep], dict] | None  # prune one block: (config, step) -> report
-    prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
-    finish: Callable | None = None  # (config, model) -> report, after the last block
-    restore: Callable | None = None  # (config, block, report) -> None: reshape a block to take its checkpoint
-    # instead of all the above: (config, model, calibration, engine) -> (EngineReport, report outside the blocks)
-    whole_model: Callable | None = None
-
-
-METHODS: dict[type, Method] = {}
-
-
-def register(
-    config_type: type, prepare: Callable | None = None, finish: Callable | None = None, restore: Callable | None = None
-):
-    """Register ``fn(config, step) -> dict`` as the block function for ``config_type``."""
-
-    def wrap(fn):
-        METHODS[config_type] = Method(fn, prepare, finish, restore)
-        return fn
-
-    return wrap
-
-
-def register_whole_model(config_type: type):
-    """Register ``fn(config, model, calibration, engine) -> (EngineReport, dict)``, run instead of the engine."""
-
-    def wrap(fn):
-        METHODS[config_type] = Method(None, whole_model=fn)
-        return fn
-
-    return wrap
-
-
-def method_name(config) -> str:
-    return type(config).method
-
-
-# Calibration when a method declares none: the setting of BENCHMARKS' unstructured, SliceGPT and study runs
-# (C4, 64 samples of 512 tokens); a 135M model calibrates in about a minute on two CPU cores.
-DEFAULT_CALIBRATION = (64, 512)
-
-
-def calibration_defaults(config) -> tuple[int, int]:
-    """Calibration samples and length for ``config`` (an instance or a class) when the user gives none:
-    the method's own (depth: 10 x 128, Shortened LLaMA's), else ``DEFAULT_CALIBRATION``."""
-    return getattr(config, "calibration_defaults", DEFAULT_CALIBRATION)
+from prunekit.methods.registry import (
+    CONFIGS,
+    DEFAULT_CALIBRATION,
+    METHODS,
+    Method,
+    MethodConfig,
+    calibration_defaults,
+    config_class,
+    register,
+    register_whole_model,
+    study_variants,
+)
+from prunekit.sequential import EngineConfig, EngineReport, run_sequential
+from prunekit.surgery.depth import has_removed_sublayers
 
 
 @dataclass
@@ -88,7 +51,7 @@ def run_fingerprint(model, config, calibration: Calibration | None) -> str:
     payload = {
         "model": getattr(model.config, "_name_or_path", ""),
         "config": model.config.to_diff_dict(),
-        "method": method_name(config),
+        "method": config.method,
         "method_config": asdict(config),
         "calibration": calibration.describe() if calibration else None,
     }
@@ -101,8 +64,8 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         method = METHODS[type(config)]
     except KeyError:
         raise PrunekitError(f"no pruning method is registered for {type(config).__name__}") from None
-    if getattr(config, "needs_calibration", False) and calibration is None:
-        raise PrunekitError(f"{method_name(config)} needs calibration data; pass --calib (e.g. c4)")
+    if config.needs_calibration and calibration is None:
+        raise PrunekitError(f"{config.method} needs calibration data; pass --calib (e.g. c4)")
     engine = engine or EngineConfig()
     start = time.perf_counter()
     if method.whole_model is not None:
@@ -110,7 +73,7 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
     else:
         report, outside = _run_blocks(method, model, config, calibration, engine)
     return PruneResult(
-        method_name(config),
+        config.method,
         asdict(config),
         report,
         calibration.describe() if calibration else None,
@@ -121,20 +84,17 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
 
 def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig) -> tuple[EngineReport, dict]:
     """A per-block method in the sequential engine: prepare, every block, finish."""
-    from prunekit.surgery.depth import has_removed_sublayers
-
     if has_removed_sublayers(model):
         raise PrunekitError(
-            f"this model lacks attention or MLP sub-layers (depth-pruned with --unit); {method_name(config)} needs "
+            f"this model lacks attention or MLP sub-layers (depth-pruned with --unit); {config.method} needs "
             "both parts of every block: prune the model it was made from, then remove the sub-layers"
         )
-    if calibration is not None and getattr(config, "order", None) == "sequential":
-        engine = replace(engine, batch_size=len(calibration.tokens))  # one pass per block sees every sample
+    engine = config.engine_for(engine, calibration)
     fingerprint = run_fingerprint(model, config, calibration)
     # ``prepare`` may return a richer object (e.g. width's plan); the report keeps the user's config.
     prepared = method.prepare(config, model, calibration, engine) if method.prepare is not None else config
     # A method that needs no block inputs (data-free, or scored ahead by ``prepare``) skips their forwards.
-    feed = calibration is not None and getattr(prepared, "needs_calibration", True)
+    feed = calibration is not None and getattr(prepared, "needs_block_inputs", True)
     report = run_sequential(
         model,
         lambda step: method.block(prepared, step),
@@ -147,19 +107,24 @@ def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig
     return report, outside
 
 
-from prunekit.methods.depth import DepthConfig  # noqa: E402  (each registers itself)
+# The registration order is the order --help and error messages list the methods in.
+# isort: off
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
-from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
-from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.wanda import WandaConfig  # noqa: E402
+from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
+from prunekit.methods.depth import DepthConfig  # noqa: E402
+from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
 
-CONFIGS = {
-    cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig, SliceGPTConfig)
-}
+# isort: on
 
 __all__ = [
     "CONFIGS",
+    "DEFAULT_CALIBRATION",
+    "Method",
+    "MethodConfig",
+    "config_class",
+    "study_variants",
     "METHODS",
     "DepthConfig",
     "MagnitudeConfig",

@@ -29,14 +29,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
-from prunekit.methods import register_whole_model
 from prunekit.methods.depth_scores import CRITERIA, Context, Network, Unit, angular_runs
+from prunekit.methods.registry import MethodConfig, register_whole_model
 from prunekit.models import parameter_counts
 from prunekit.sequential import EngineReport
 from prunekit.surgery.depth import has_removed_sublayers
@@ -51,18 +51,33 @@ MIN_KEPT = 0.25  # without force, at least a quarter of the blocks (of each sub-
 
 
 @dataclass
-class DepthConfig:
-    criterion: str | None = None  # ppl | taylor | magnitude | block-influence | angular (default block-influence)
-    remove: int | None = None  # units to remove ...
-    target_params: float | None = None  # ... or the fraction of non-embedding parameters to remove
-    unit: str | None = None  # block (default) | attention | mlp | sublayer (both kinds, ranked together)
-    iterative: bool | None = None  # remove the best unit, re-score the rest, repeat (SLEB)
-    protect_first: int | None = None  # blocks never removed at the start (taylor: 4, else 0) ...
-    protect_last: int | None = None  # ... and at the end (taylor: 2, else 0)
-    ranking_from: str | None = None  # prunekit.json of an earlier depth run: reuse its ranking, no scoring
-    force: bool = False  # accept a removal that keeps fewer than MIN_KEPT of the blocks (or sub-layers of a kind)
+class DepthConfig(MethodConfig):
+    criterion: str | None = None
+    """block-influence (default; ShortGPT, the best measured), ppl, taylor (Taylor+), magnitude, angular (Gromov)."""
+    remove: int | None = None
+    """Blocks (or sub-layers, with --unit) to remove."""
+    target_params: float | None = None
+    """Instead of --remove: the fraction of non-embedding parameters to remove."""
+    unit: str | None = None
+    """block (default), attention, mlp, or sublayer (both kinds, ranked together)."""
+    iterative: bool | None = field(default=None, metadata={"flag": "--iterative/--one-shot"})
+    """Remove the best unit, re-score the rest, repeat (SLEB)."""
+    protect_first: int | None = None
+    """First blocks never removed (taylor: 4, else 0)."""
+    protect_last: int | None = None
+    """Last blocks never removed (taylor: 2, else 0)."""
+    ranking_from: str | None = None
+    """The prunekit.json of an earlier depth run: reuse its ranking instead of scoring again."""
+    force: bool = False
+    """Accept a removal that keeps under a quarter of the blocks (or of the sub-layers of a kind)."""
     method: ClassVar[str] = "depth"
+    summary: ClassVar[str] = "remove whole blocks or sub-layers (Shortened LLaMA, ShortGPT, SLEB)"
     calibration_defaults: ClassVar[tuple[int, int]] = (10, 128)  # Shortened LLaMA's PPL calibration
+    reshapes_blocks: ClassVar[bool] = True
+
+    @classmethod
+    def study_variants(cls):
+        return {"depth": lambda ratio: cls(criterion="block-influence", target_params=ratio)}
 
     def __post_init__(self):
         if (self.remove is None) == (self.target_params is None):

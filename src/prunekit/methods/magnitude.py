@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.methods import register
 from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm, sparsity_of
+from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import get_adapter, linear_weight
 
@@ -28,18 +28,35 @@ SCOPES = ("layer", "global")
 
 
 @dataclass
-class MagnitudeConfig:
+class MagnitudeConfig(MethodConfig):
     sparsity: float = 0.5
-    nm: str | None = None  # "2:4": prune the 2 smallest of every 4 consecutive weights of a row
+    """Fraction of the weights to remove from each linear layer."""
+    nm: str | None = None
+    """N:M sparsity, e.g. 2:4: prune the N smallest of every M consecutive weights of a row."""
     scope: str = "layer"
-    std_quality: float | None = None  # Han et al.: prune |w| < q * std(W) of the layer
-    include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
+    """'layer' (a threshold per matrix) or 'global' (one threshold for the whole model)."""
+    std_quality: float | None = None
+    """Han et al.'s threshold: prune |w| < q * std(W), per layer."""
+    include: tuple[str, ...] = ()
+    """Only the linears matching this pattern, e.g. 'mlp.*' (fnmatch on names inside a block; repeatable)."""
     exclude: tuple[str, ...] = ()
-    prune_embeddings: bool = False  # off by default, as in every reference
-    prune_lm_head: bool = False  # a tied head is the embedding matrix: pruning one prunes both
-    layer_counts: dict[str, int] | None = field(default=None, repr=False)  # filled for scope="global"
+    """Skip the linears matching this pattern (repeatable)."""
+    prune_embeddings: bool = False
+    """Also prune the embeddings (off in every reference)."""
+    prune_lm_head: bool = False
+    """Also prune the head (a tied head is the embedding matrix: pruning one prunes both)."""
+    layer_counts: dict[str, int] | None = field(default=None, repr=False, metadata={"cli": False})  # scope=global
     method: ClassVar[str] = "magnitude"
-    needs_calibration: ClassVar[bool] = False
+    summary: ClassVar[str] = "the smallest |W| go, no data needed (Han et al. 2015)"
+    sparse_weights: ClassVar[bool] = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    @classmethod
+    def study_variants(cls):
+        return {"magnitude": lambda ratio: cls(sparsity=ratio)}
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:

@@ -11,7 +11,10 @@ import dataclasses
 
 import torch
 
-from prunekit.methods.stats import InputNorms, on_inputs
+from prunekit.methods.stats import InputNorms, on_inputs, wanda_scores
+from prunekit.methods.unstructured import in_features, select_linears, weight_device
+from prunekit.models import linear_weight
+from prunekit.sequential import run_sequential
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -32,11 +35,6 @@ def owl_prepare(config, model, calibration, engine):
     """A read-only pass over the dense model that fills ``config.block_sparsity`` when OWL is on."""
     if not config.owl:
         return config
-    from prunekit.methods.unstructured import in_features, select_linears, weight_device
-    from prunekit.methods.wanda import wanda_scores
-    from prunekit.models import linear_weight
-    from prunekit.sequential import run_sequential
-
     ratios = []
 
     def census(step):

@@ -29,7 +29,7 @@ import torch
 
 from prunekit.errors import PrunekitError, StopForward
 from prunekit.io.lazy import is_lazy
-from prunekit.methods import register_whole_model
+from prunekit.methods.registry import MethodConfig, register_whole_model
 from prunekit.models import get_adapter
 from prunekit.sequential import EngineReport, call_block, capture
 from prunekit.surgery.hidden import (
@@ -47,21 +47,29 @@ ORIENTATIONS = ("pca", "random")
 
 
 @dataclass
-class SliceGPTConfig:
-    """``slice``: fraction of the hidden size to delete; the kept size is rounded to ``round_to``.
-
-    ``orientation="random"`` turns each kept subspace by a random orthogonal matrix (seeded by
+class SliceGPTConfig(MethodConfig):
+    """``orientation="random"`` turns each kept subspace by a random orthogonal matrix (seeded by
     ``seed``), SliceGPT's ``--final-orientation random``: the same subspace, its energy spread over
     every coordinate instead of the first (it helps later quantization, not perplexity)."""
 
     method: ClassVar[str] = "slicegpt"
-    calibration_defaults: ClassVar[tuple[int, int]] = (64, 512)
+    summary: ClassVar[str] = "rotate the residual stream by PCA and delete its least-used directions (SliceGPT)"
+    reshapes_blocks: ClassVar[bool] = True
 
     slice: float = 0.25
+    """Fraction of the hidden size (embedding dimension) to delete."""
     round_to: int = 8
+    """Round the kept hidden size to a multiple of this."""
     orientation: str = "pca"
+    """'pca' or 'random' (a random turn of each kept subspace)."""
     damp: float = 0.01
+    """Dampening of the covariance before its eigendecomposition, a fraction of its mean diagonal."""
     seed: int = 0
+    """Seed of --orientation random."""
+
+    @classmethod
+    def study_variants(cls):
+        return {"slicegpt": lambda ratio: cls(slice=ratio)}
 
     def __post_init__(self):
         if not 0 < self.slice < 1:
@@ -72,10 +80,6 @@ class SliceGPTConfig:
             raise PrunekitError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
         if not 0 <= self.damp < 1:
             raise PrunekitError(f"damp must lie in [0, 1), got {self.damp}")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return True
 
     def kept_size(self, width: int) -> int:
         """The hidden size after slicing: ``(1 - slice) * width`` rounded to a multiple of ``round_to``."""

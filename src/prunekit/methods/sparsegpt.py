@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.methods import register
 from prunekit.methods.masks import matrix_mask
 from prunekit.methods.owl import owl_prepare
+from prunekit.methods.registry import register
 from prunekit.methods.stats import Hessian
 from prunekit.methods.unstructured import UnstructuredConfig, in_features, prune_block, weight_device
 from prunekit.models import linear_weight
@@ -31,9 +31,17 @@ HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 @dataclass
 class SparseGPTConfig(UnstructuredConfig):
     blocksize: int = 128
+    """Columns per lazy-update block."""
     percdamp: float = 0.01
+    """Initial dampening, a fraction of the mean of diag(H) (raised tenfold until H factors)."""
     hessian_dtype: str = "float32"
+    """float32 or float64."""
     method: ClassVar[str] = "sparsegpt"
+    summary: ClassVar[str] = "optimal brain surgeon with the Hessian XX^T; the surviving weights are updated"
+
+    @classmethod
+    def study_variants(cls):
+        return {"sparsegpt": lambda ratio: cls(sparsity=ratio)}
 
     def __post_init__(self):
         super().__post_init__()

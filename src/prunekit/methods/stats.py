@@ -84,3 +84,8 @@ def on_inputs(linears: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch
     finally:
         for handle in handles:
             handle.remove()
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's score: |W| scaled by the L2 norm of each input feature, [out, in] * [in] (OWL ranks blocks by it too)."""
+    return weight.detach().abs().float() * input_norms.float().unsqueeze(0)

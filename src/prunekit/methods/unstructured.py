@@ -14,31 +14,47 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.masks import parse_nm, sparsity_of
+from prunekit.methods.registry import MethodConfig
 from prunekit.methods.stats import on_inputs
 from prunekit.models import linear_weight
+from prunekit.sequential import EngineConfig
 
 ORDERS = ("sequential", "block")
 
 
 @dataclass
-class UnstructuredConfig:
+class UnstructuredConfig(MethodConfig):
     sparsity: float = 0.5
-    nm: str | None = None  # "2:4": prune 2 of every 4 consecutive weights of a row (overrides sparsity)
+    """Fraction of the weights to remove from each linear layer."""
+    nm: str | None = None
+    """N:M sparsity, e.g. 2:4 or 4:8: prune N of every M consecutive weights of a row (overrides --sparsity)."""
     order: str = "sequential"
-    include: tuple[str, ...] = ()  # fnmatch patterns on names inside a block, e.g. "mlp.*"
+    """'sequential' (one pass per block) or 'block' (the reference order: score the dense block, prune, re-run)."""
+    include: tuple[str, ...] = ()
+    """Only the linears matching this pattern, e.g. 'mlp.*' (fnmatch on names inside a block; repeatable)."""
     exclude: tuple[str, ...] = ()
-    owl: bool = False  # non-uniform block sparsity from outlier statistics (OWL)
+    """Skip the linears matching this pattern (repeatable)."""
+    owl: bool = False
+    """OWL: blocks with more outlier scores keep more weights; the mean sparsity stays the target."""
     owl_lambda: float = 0.08
+    """OWL: every block's sparsity stays within the target +- lambda."""
     owl_m: float = 5.0
-    block_sparsity: list[float] | None = field(default=None, repr=False)  # filled by OWL
-    needs_calibration = True
+    """OWL: a score is an outlier above m times its block's mean."""
+    block_sparsity: list[float] | None = field(default=None, repr=False, metadata={"cli": False})  # filled by OWL
+    sparse_weights: ClassVar[bool] = True
+
+    def engine_for(self, engine: EngineConfig, calibration) -> EngineConfig:
+        if calibration is not None and self.order == "sequential":  # one pass per block sees every sample
+            return replace(engine, batch_size=len(calibration.tokens))
+        return engine
 
     def __post_init__(self):
         if not 0.0 <= self.sparsity < 1.0:

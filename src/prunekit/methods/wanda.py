@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from prunekit.methods import register
 from prunekit.methods.masks import nm_mask, row_mask
 from prunekit.methods.owl import owl_prepare
-from prunekit.methods.stats import InputNorms
+from prunekit.methods.registry import register
+from prunekit.methods.stats import InputNorms, wanda_scores
 from prunekit.methods.unstructured import UnstructuredConfig, in_features, prune_block, weight_device
 from prunekit.models import linear_weight
 
@@ -19,11 +19,11 @@ from prunekit.models import linear_weight
 @dataclass
 class WandaConfig(UnstructuredConfig):
     method: ClassVar[str] = "wanda"
+    summary: ClassVar[str] = "|W| times the input feature norms, compared per output row (Sun et al. 2024)"
 
-
-def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
-    """|W| scaled by the L2 norm of each input feature: [out, in] * [in]."""
-    return weight.detach().abs().float() * input_norms.float().unsqueeze(0)
+    @classmethod
+    def study_variants(cls):
+        return {"wanda": lambda ratio: cls(sparsity=ratio)}
 
 
 def wanda_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:

@@ -30,9 +30,9 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
-from prunekit.methods import register
 from prunekit.methods.allocation import Geometry, Shape, explicit_shape, global_shapes, uniform_shape
 from prunekit.methods.importance import AGGREGATIONS, TAYLOR_ORDERS, aggregate, fluctuation, magnitude, taylor, wanda_sp
+from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.stats import InputMoments, on_inputs
 from prunekit.methods.taylor import Gradients, accumulate_gradients
 from prunekit.models import get_adapter, linear_weight
@@ -63,25 +63,50 @@ def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass
-class WidthConfig:
-    target_params: float | None = 0.2  # fraction of non-embedding parameters to remove
-    intermediate_size: int | None = None  # or explicit sizes: MLP width kept ...
-    num_heads: int | None = None  # ... and query heads kept per block
+class WidthConfig(MethodConfig):
     # Defaults: the best configuration in BENCHMARKS' width table whose output stock transformers loads
     # (activation norms, MLP neurons only, uniform shapes: 59.5 at 20% on SmolLM2-135M); the best overall
     # is one flag away, --allocation global (53.2; per-block shapes, loaded by prunekit.load).
+    target_params: float | None = None
+    """Fraction of the non-embedding parameters to remove (0.2 unless explicit sizes are given)."""
+    intermediate_size: int | None = None
+    """Explicit sizes instead of --target-params: MLP neurons kept per block."""
+    num_heads: int | None = None
+    """Explicit sizes instead of --target-params: query heads kept per block."""
     importance: str = "activation"
-    taylor: str = "element"  # element | vector | second | mix (LLM-Pruner's Taylor variants)
-    aggregation: str = "sum"  # how a group's members combine: sum | mean | max | prod | last
-    gqa: str = "query-even"  # when heads go: the same number of query heads from every KV group
-    allocation: str = "uniform"  # uniform | global
-    layers: str | None = None  # blocks to prune, "start:end" as a Python slice (e.g. "4:-2"); others stay
-    bias_compensation: bool = False  # FLAP: fold removed channels' mean output into the bias
+    """activation (Minitron's activation norms, the best measured), magnitude-l1, magnitude-l2, wanda-sp,
+    fluctuation (FLAP), taylor, random."""
+    taylor: str = "element"
+    """With --importance taylor: element, vector, second or mix (LLM-Pruner's variants)."""
+    aggregation: str = "sum"
+    """How a group's members combine: sum, mean, max, prod, last."""
+    gqa: str = "query-even"
+    """With --prune-heads: 'query-even' (the same number of query heads from every KV group) or 'kv-groups'."""
+    allocation: str = "uniform"
+    """'uniform' (every block the same shape: a plain folder stock transformers loads) or 'global' (FLAP's
+    ranking across blocks: the best measured quality, per-block shapes that prunekit.load rebuilds)."""
+    layers: str | None = None
+    """Blocks to prune as start:end, a Python slice such as 4:-2 (the others are kept)."""
+    bias_compensation: bool = False
+    """FLAP: fold the removed channels' mean output into the bias."""
     round_to: int = 8
-    prune_heads: bool = False  # with target_params: may heads go too, or only MLP neurons?
+    """Round the MLP width down to a multiple of this."""
+    prune_heads: bool = False
+    """With --target-params: may attention heads go too, or only MLP neurons?"""
     seed: int = 0
-    force: bool = False  # accept shapes that keep fewer than MIN_NEURONS of the pruned blocks' MLP neurons
+    """Seed of --importance random."""
+    force: bool = False
+    """Accept a target that keeps under a tenth of the pruned blocks' MLP neurons (refused otherwise)."""
     method: ClassVar[str] = "width"
+    summary: ClassVar[str] = "remove MLP neurons (and attention heads) by structured importance"
+    reshapes_blocks: ClassVar[bool] = True
+
+    @classmethod
+    def study_variants(cls):
+        return {
+            "width": lambda ratio: cls(ratio, importance="activation", prune_heads=False, allocation="global"),
+            "width-mlp": lambda ratio: cls(ratio, importance="activation", prune_heads=False, allocation="uniform"),
+        }
 
     def __post_init__(self):
         _choice("importance", self.importance, IMPORTANCES)
@@ -94,8 +119,11 @@ class WidthConfig:
             if value is not None and value < 1:
                 raise PrunekitError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         explicit = self.intermediate_size is not None or self.num_heads is not None
+        if explicit and self.target_params is not None:
+            raise PrunekitError("give --target-params or explicit sizes (--intermediate-size, --num-heads), not both")
+        if not explicit and self.target_params is None:
+            self.target_params = 0.2
         if explicit:
-            self.target_params = None
             if self.allocation == "global":
                 raise PrunekitError("--allocation global ranks blocks against a --target-params, not explicit sizes")
         elif self.target_params is None or not 0 < self.target_params < 1:
@@ -319,7 +347,7 @@ class WidthPlan:
     moments: dict[int, dict] = field(default_factory=dict)
 
     @property
-    def needs_calibration(self) -> bool:
+    def needs_block_inputs(self) -> bool:
         """Does the engine's pass still need block inputs (blocks scored or compensated from them)?"""
         c = self.config
         return any(

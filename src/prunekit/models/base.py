@@ -139,6 +139,12 @@ class ModelAdapter:
         module = self.blocks()[index]
         return Block(module, index, heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
 
+    def lora_targets(self) -> tuple[str, ...]:
+        """LoRA's target module names: every linear of the blocks, as LLM-Pruner adapts all seven of a Llama block
+        (GPT-2: c_attn, c_proj, c_fc; OPT: q/k/v/out_proj, fc1, fc2; Phi-3: qkv_proj, o_proj, gate_up_proj, ...)."""
+        names = {name.rsplit(".", 1)[-1] for name, module in self.blocks().named_modules() if is_linear(module)}
+        return tuple(sorted(names))
+
     def rotation_problem(self) -> str | None:
         """Why rotating the residual stream (SliceGPT) would change this model's function; ``None`` if it would not."""
         return "computational invariance has not been worked out for this family"

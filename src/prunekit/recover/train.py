@@ -35,30 +35,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.models import get_adapter
 from prunekit.recover.data import IGNORE, TrainData, batch_indices
 from prunekit.recover.finetune import mask_optimizer_state, sparse_masks
 
 log = logging.getLogger(__name__)
 
 MODES = ("lora", "cpt", "cpt+lora", "distill")
-# LLM-Pruner's LoRA: rank 8, alpha 16, dropout 0.05 on all seven projections of a Llama block.
-LLM_PRUNER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_LR = {"lora": 1e-4, "cpt": 2e-5, "distill": 2e-5}
 
 
 @dataclass
 class LoraSettings:
+    """LLM-Pruner's LoRA: rank 8, alpha 16, dropout 0.05, on every linear of the blocks."""
+
     r: int = 8
+    """LoRA rank (LLM-Pruner: 8)."""
     alpha: int = 16
+    """LoRA alpha (LLM-Pruner: 16)."""
     dropout: float = 0.05
-    targets: tuple[str, ...] = LLM_PRUNER_TARGETS  # module names, or one regular expression (PEFT's rule)
+    """LoRA dropout (LLM-Pruner: 0.05)."""
+    targets: tuple[str, ...] | None = None
+    """Module names to adapt, comma-separated, or one regular expression (default: every linear of the blocks,
+    named as the model's family names them)."""
 
     def __post_init__(self):
         if self.r < 1 or self.alpha <= 0:
             raise PrunekitError(f"--lora-r must be at least 1 and --lora-alpha positive, got {self.r} and {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise PrunekitError(f"--lora-dropout must lie in [0, 1), got {self.dropout}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise PrunekitError("--lora-targets names no module; e.g. q_proj,v_proj")
 
 
@@ -70,22 +76,38 @@ DEFAULT_MICRO_BATCH = 2
 @dataclass
 class RecoverConfig:
     mode: str = "lora"
+    """lora, cpt (continued pretraining), cpt+lora, or distill."""
     steps: int = 100
-    batch_size: int = 8  # examples per optimizer step, over all processes
-    micro_batch: int | None = None  # examples per forward pass (default: up to DEFAULT_MICRO_BATCH)
-    lr: float | None = None  # default: 1e-4 for LoRA, 2e-5 for full-parameter training
-    warmup_steps: int | None = None  # default: 10% of the steps
+    """Optimizer steps (all phases)."""
+    batch_size: int = 8
+    """Examples per optimizer step, over all processes."""
+    micro_batch: int | None = None
+    """Examples per forward pass; the rest of a step is gradient accumulation (default 2: bounded memory)."""
+    lr: float | None = None
+    """Peak learning rate (LoRA 1e-4, full training 2e-5)."""
+    warmup_steps: int | None = None
+    """Linear warm-up steps before the cosine decay (10% of the steps)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
-    precision: str = "fp32"  # or bf16 (autocast)
+    """Clip the gradient norm to this."""
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast)."""
     gradient_checkpointing: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    cpt_steps: int | None = None  # cpt+lora: steps of CPT before the LoRA steps (default: half)
-    temperature: float = 2.0  # distill
-    distill_weight: float = 1.0  # distill: weight of the KL term; 1 - weight goes to the LM loss
-    keep_sparsity: bool = False
-    checkpoint_every: int = 0
+    """Recompute activations in the backward pass."""
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"cli": False})  # its own options: --lora-*
+    cpt_steps: int | None = None
+    """cpt+lora: CPT steps before the LoRA steps (half)."""
+    temperature: float = 2.0
+    """distill: softmax temperature."""
+    distill_weight: float = 1.0
+    """distill: weight of the KL term (the rest: the LM loss)."""
+    keep_sparsity: bool | None = None
+    """Hold pruned weights at zero (default: yes for the outputs of methods that leave zeros)."""
+    checkpoint_every: int = 50
+    """Checkpoint every N steps (0: never); a rerun resumes."""
     seed: int = 0
+    """Data order and initialisation seed."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -302,15 +324,16 @@ def distillation_loss(logits, labels, indices, temperature, teacher=None, topk=N
 def _with_lora(model, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
-    single = len(settings.targets) == 1 and not settings.targets[0].isidentifier()
-    targets = settings.targets[0] if single else list(settings.targets)  # one pattern is a regular expression
+    names = settings.targets or get_adapter(model).lora_targets()
+    single = len(names) == 1 and not names[0].isidentifier()
+    targets = names[0] if single else list(names)  # one pattern is a regular expression
     try:
         return get_peft_model(
             model,
             LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets),
         )
     except ValueError as err:
-        raise PrunekitError(f"--lora-targets {settings.targets} match no linear layer of this model ({err})") from None
+        raise PrunekitError(f"--lora-targets {names} match no linear layer of this model ({err})") from None
 
 
 def _optimizer(model, config: RecoverConfig, lr: float, steps: int):

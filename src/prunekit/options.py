@@ -1,0 +1,156 @@
+"""Command-line options generated from config dataclasses: each field an option, its docstring the help.
+
+A field's help is the string literal written under it (as jsonargparse and litgpt read them)::
+
+    sparsity: float = 0.5
+    \"\"\"Fraction of the weights to remove from each linear layer.\"\"\"
+
+``field(metadata={"cli": False})`` hides a field that a method fills in itself; ``{"flag": "--a/--b"}``
+names a boolean's two flags. Generated options default to ``None`` (not given), so the config's own
+default applies and an option given to a method that lacks it can be refused by name.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from prunekit.errors import PrunekitError
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (its bases' too), whitespace folded."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__ == "builtins":
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if named and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def cli_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True)]
+
+
+def _option_type(annotation: Any) -> tuple[Any, bool]:
+    """The type typer parses for a field, and whether the option repeats (a tuple of strings)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _option_type(inner[0]) if len(inner) == 1 else (str, False)
+    if origin in (tuple, list):
+        return str, True
+    return (annotation if annotation in (int, float, str, bool, Path) else str), False
+
+
+def option_parameters(
+    classes: Iterable[type],
+    label: Callable[[type], str] = lambda c: "",
+    prefix: str = "",
+    unset: bool = True,
+    skip: Iterable[str] = (),
+) -> list[inspect.Parameter]:
+    """One keyword parameter per field name across ``classes`` (but those in ``skip``).
+
+    ``unset``: every option defaults to ``None`` (not given), so the config's own default applies and an
+    option given to a class without it can be refused; else fields keep their defaults and those without one
+    are required. A field several classes share becomes one option; its help names the classes (``label``)
+    that take it. ``prefix`` goes before every name (``lora_`` gives ``--lora-r`` for ``LoraSettings.r``)."""
+    owners: dict[str, list[type]] = {}
+    for cls in classes:
+        for f in cli_fields(cls):
+            if f.name not in skip:
+                owners.setdefault(f.name, []).append(cls)
+    return [_parameter(name, classes_with, label, prefix, unset) for name, classes_with in owners.items()]
+
+
+def _parameter(name: str, classes: list[type], label, prefix: str, unset: bool) -> inspect.Parameter:
+    cls = classes[0]
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind, repeated = _option_type(typing.get_type_hints(cls)[name])
+    labels = ", ".join(filter(None, dict.fromkeys(label(c) for c in classes)))
+    help_text = (f"{labels}: " if labels else "") + field_docs(cls).get(name, "") + (_default_text(f) if unset else "")
+    dashed = (prefix + name).replace("_", "-")
+    flag = f.metadata.get("flag") or (f"--{dashed}/--no-{dashed}" if kind is bool else f"--{dashed}")
+    default = None if unset else (... if f.default is dataclasses.MISSING else f.default)
+    option = typer.Option(default, flag, help=help_text, rich_help_panel=labels or None, show_default=not unset)
+    annotation = list[str] if repeated else kind
+    if unset or f.default is None:
+        annotation = Optional[annotation]
+    return inspect.Parameter(prefix + name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING or f.default in (None, (), False):
+        return ""
+    return f" [default: {f.default}]"
+
+
+def build_config(cls: type, options: dict[str, Any], what: str):
+    """``cls(**options)`` from the options that were given; one a ``cls`` does not take is an error naming ``what``."""
+    accepted = {f.name for f in cli_fields(cls)}
+    given = {k: v for k, v in options.items() if v not in (None, [], ())}
+    for name in sorted(given.keys() - accepted):
+        raise PrunekitError(f"--{name.replace('_', '-')} does not apply to {what}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+
+
+def command(fn: Callable, extra: list[inspect.Parameter]) -> Callable:
+    """``fn`` with ``extra`` keyword options appended to its signature; typer reads the result."""
+    signature = inspect.signature(fn)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fn.__signature__ = signature.replace(parameters=params + list(extra))
+    return fn
+
+
+def read_recipe(path: Path | None) -> dict[str, Any]:
+    """A recipe file (YAML or JSON): option names as keys (dashes or underscores), values as on the command line."""
+    if path is None:
+        return {}
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise PrunekitError(f"cannot read --config {path} ({err.strerror}); pass a YAML or JSON file") from None
+    try:
+        if Path(path).suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ValueError as err:  # both parsers' errors are ValueErrors (yaml's YAMLError is not: caught below)
+        raise PrunekitError(f"--config {path} is not valid JSON: {str(err).splitlines()[0]}") from None
+    except Exception as err:
+        raise PrunekitError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PrunekitError(f"--config {path} must map option names to values, e.g. 'method: width'")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def merge_recipe(ctx: typer.Context, options: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with each one the user did not type taken from ``recipe``; an unknown key is an error."""
+    from click.core import ParameterSource
+
+    for key in recipe:
+        if key not in options:
+            raise PrunekitError(f"--config: unknown option {key!r}; use the names of `prunekit {ctx.info_name} --help`")
+    typed = {k for k in options if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    return {k: (recipe[k] if k in recipe and k not in typed else v) for k, v in options.items()}
