@@ -446,3 +446,65 @@ def test_force_lets_a_husk_through(bad_inputs, tmp_path):
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((tmp_path / "o" / "prunekit.json").read_text())
     assert manifest["method_config"]["force"] is True and len(manifest["metrics"]["blocks"]) == 7
+
+
+# -- the generated CLI ---------------------------------------------------------------------------------
+
+
+def test_every_method_option_is_generated_with_its_docstring_as_help():
+    """Each CLI field of each registered config has help text and an option in `prune --help`; a field added
+    without a docstring fails here instead of reaching users as a bare flag."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from prunekit.cli import app
+    from prunekit.methods import CONFIGS
+    from prunekit.options import cli_fields, field_docs
+
+    result = CliRunner().invoke(app, ["prune", "--help"], env={"TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0, result.output
+    for cls in CONFIGS.values():
+        docs = field_docs(cls)
+        for field in cli_fields(cls):
+            assert docs.get(field.name), f"{cls.__name__}.{field.name} has no docstring"
+            flag = field.metadata.get("flag", f"--{field.name.replace('_', '-')}").split("/")[0]
+            assert flag in result.output, flag
+    assert dataclasses.is_dataclass(CONFIGS["width"])
+
+
+def test_field_docs_reads_the_string_under_each_field():
+    import dataclasses
+
+    from prunekit.options import field_docs
+
+    @dataclasses.dataclass
+    class Example:
+        alpha: int = 1
+        """First line,
+        second line."""
+        beta: str = "b"  # a comment is not help
+        gamma: float = 0.5
+        """Gamma."""
+
+    assert field_docs(Example) == {"alpha": "First line, second line.", "gamma": "Gamma."}
+
+
+def test_a_recipe_file_sets_options_and_flags_win(tiny_folder, tmp_path):
+    """`--config` takes a YAML or JSON file of the same options; a flag given on the command line wins over it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: magnitude\nsparsity: 0.25\nnm: null\ndevice: cpu\n")
+    result = run("prune", "--model", str(tiny_folder), "--config", str(recipe), "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "a" / "prunekit.json").read_text())
+    assert manifest["method"] == "magnitude" and manifest["method_config"]["sparsity"] == 0.25
+    (tmp_path / "r.json").write_text(json.dumps({"method": "magnitude", "sparsity": 0.25, "device": "cpu"}))
+    args = ["prune", "--model", str(tiny_folder), "--config", str(tmp_path / "r.json"), "--sparsity", "0.5"]
+    assert run(*args, "--out", str(tmp_path / "b")).returncode == 0
+    assert json.loads((tmp_path / "b" / "prunekit.json").read_text())["method_config"]["sparsity"] == 0.5
+    (tmp_path / "bad.yaml").write_text("method: magnitude\nsparsty: 0.3\n")
+    bad = run(
+        "prune", "--model", str(tiny_folder), "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "c")
+    )
+    assert "--config: unknown option 'sparsty'" in error_line(bad)
+    assert "pass --method" in error_line(run("prune", "--model", str(tiny_folder), "--out", str(tmp_path / "d")))

@@ -12,6 +12,7 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.methods import MagnitudeConfig, prune
+from prunekit.models import get_adapter, is_linear
 from prunekit.recover import (
     LoraSettings,
     RecoverConfig,
@@ -25,7 +26,7 @@ from prunekit.recover.data import IGNORE, batch_indices
 from prunekit.recover.train import distillation_loss
 from prunekit.sequential import EngineConfig
 from test_cli import error_line, run
-from tiny_models import SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer, tokens
+from tiny_models import FAMILIES, SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer, tokens
 
 
 def text_data(n=16, seqlen=16) -> TrainData:
@@ -98,11 +99,27 @@ def test_every_mode_lowers_the_loss_and_keeps_sparsity_exactly(mode):
     assert not any("lora" in name for name, _ in trained.named_parameters())  # merged for export
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_adapts_every_linear_of_the_blocks_in_every_family(family):
+    """The default targets come from the family's adapter: GPT-2's Conv1D c_attn/c_proj/c_fc, OPT's fc1/fc2 and
+    out_proj, Phi-3's fused projections; a merged LoRA run changes every block linear and lowers the loss."""
+    model = tiny_model(family)
+    blocks = get_adapter(model).blocks()
+    before = {n: m.weight.detach().clone() for n, m in blocks.named_modules() if is_linear(m)}
+    trained, report = recover(model, text_data(), fast(mode="lora", steps=6, lr=1e-2), progress=False)
+    after = {n: m.weight for n, m in get_adapter(trained).blocks().named_modules() if is_linear(m)}
+    assert after.keys() == before.keys() and len(before) >= 4
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert not unchanged, f"{family}: LoRA left {unchanged} untouched"
+    assert report.losses[-1] < report.losses[0]
+
+
 def test_lora_merge_gives_the_logits_of_the_unmerged_adapter():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model("llama")
-    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=list(LoraSettings().targets)))
+    targets = list(get_adapter(model).lora_targets())
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=targets))
     with torch.no_grad():
         for name, param in lora.named_parameters():
             if "lora_B" in name:

@@ -11,8 +11,8 @@ from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
 from prunekit.methods import METHODS, WidthConfig, prune
 from prunekit.methods.allocation import Geometry, Shape, global_shapes, head_options, uniform_shape
+from prunekit.methods.gradients import accumulate_gradients, block_linears
 from prunekit.methods.importance import aggregate, fluctuation, magnitude, standardize, taylor, wanda_sp
-from prunekit.methods.taylor import accumulate_gradients, block_linears
 from prunekit.methods.width import _compensate, parse_layers
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineConfig

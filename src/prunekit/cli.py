@@ -7,8 +7,6 @@ a field is an option, its docstring the help. Errors caused by the input are pri
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import shutil
 import sys
@@ -18,10 +16,10 @@ from typing import Optional
 import typer
 from typer import rich_utils
 
-from prunekit import options as generated
+from prunekit import options as opts
 from prunekit.errors import PrunekitError
-from prunekit.jobs import PruneJob, PruneRetrainJob, RecoverJob
-from prunekit.methods import CONFIGS, config_class
+from prunekit.jobs import PerplexityJob, PruneJob, PruneRetrainJob, RecoverJob, ZeroShotJob
+from prunekit.methods import CONFIGS, config_class, study_variants
 from prunekit.recover.train import LoraSettings, RecoverConfig
 from prunekit.study import StudyConfig
 
@@ -35,125 +33,45 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluate a model.")
 app.add_typer(eval_app, name="eval")
 log = logging.getLogger("prunekit")
 
-MODEL = "Model folder, hub id, or alias (smollm2-135m)."
 DEVICE = "cpu, cuda, cuda:1, ... or auto."
-OUT = "Output folder (written atomically)."
 JSON = "Also write the result to this JSON file."
 
 
-def friendly(fn):
-    """Turn input errors into one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PrunekitError as err:
-            typer.echo(f"prunekit: error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("prunekit: interrupted; rerun the same command to resume from its checkpoint", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise PrunekitError(f"unknown --device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise PrunekitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0...)")
-    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
-        raise PrunekitError(f"--device {device} is not available here; use --device cpu (or cuda, mps where present)")
-    return device
-
-
-def _check_json(path: Optional[Path]) -> None:
-    """Refuse a --json path that cannot be written, before the work whose result it would hold."""
-    if path is not None and path.is_dir():
-        raise PrunekitError(f"--json {path} is a folder; pass a file path such as {path / 'result.json'}")
-    if path is not None and not path.parent.is_dir():
-        raise PrunekitError(f"--json {path}: its folder {path.parent} does not exist or is a file; create it first")
-
-
-def _write_json(path: Optional[Path], payload: dict) -> None:
-    if path is not None:
-        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def _at_least(value: Optional[int], flag: str, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise PrunekitError(f"{flag} must be at least {minimum}, got {value}")
-
-
-def _evaluation(data: Optional[str], seqlen: int, max_windows: Optional[int]):
-    from prunekit.jobs import Evaluation
-
-    _at_least(max_windows, "--max-windows")
-    _at_least(seqlen, "--eval-seqlen", 2)
-    return Evaluation(data, seqlen, max_windows) if data else None
-
-
-@eval_app.command("ppl")
-@friendly
-def eval_ppl(
-    model: str = typer.Option(..., help=MODEL),
-    data: str = typer.Option("wikitext2", help="wikitext2, wikitext2-valid, c4, kjv, pydoc, a text file, or hf:..."),
-    seqlen: int = typer.Option(512, help="Window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, help="Evaluate only the first N windows."),
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    bos: str = typer.Option("stream", help="'stream' (GPTQ convention) or 'window' (BOS before every window)."),
-    device: str = typer.Option("auto", help=DEVICE),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON),
-):
+@opts.friendly
+def eval_ppl(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON), **options):
     """Perplexity over non-overlapping windows (loss in float32)."""
     from prunekit.data import load_text
     from prunekit.evaluate import perplexity
-    from prunekit.io.load import load
 
-    _check_json(json_out)
-    text = load_text(data)
-    lm, tokenizer = load(model, dtype=dtype, device=_device(device))
-    result = perplexity(lm, tokenizer, text, seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, bos=bos)
-    typer.echo(f"{model}: {result.summary()}")
-    _write_json(json_out, {"model": model, **result.to_dict()})
+    job = PerplexityJob(**options)
+    opts.check_json(json_out)
+    text = load_text(job.data)
+    lm, tokenizer = job.load(opts.device(job.device))
+    result = perplexity(lm, tokenizer, text, job.seqlen, job.max_windows, job.batch_size, bos=job.bos)
+    typer.echo(f"{job.model}: {result.summary()}")
+    opts.write_json(json_out, {"model": job.model, **result.to_dict()})
 
 
-@eval_app.command("zeroshot")
-@friendly
-def eval_zeroshot(
-    model: str = typer.Option(..., help=MODEL),
-    tasks: str = typer.Option(
-        "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa", help="Comma-separated; lambada too."
-    ),  # fmt: skip
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N items of each task."),
-    batch_size: int = typer.Option(8, help="Requests per forward pass."),
-    device: str = typer.Option("auto", help=DEVICE),
-    json_out: Optional[Path] = typer.Option(None, "--json", help=JSON),
-):
+@opts.friendly
+def eval_zeroshot(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON), **options):
     """Zero-shot accuracy on local copies of the standard sets, scored as lm-evaluation-harness scores them."""
     from prunekit.evaluate.zeroshot import check_tasks, evaluate_zeroshot
-    from prunekit.io.load import load
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    check_tasks(names, limit)  # unknown names, then missing files, fail before the model loads
-    _check_json(json_out)
-    lm, tokenizer = load(model, device=_device(device))
-    result = evaluate_zeroshot(lm, tokenizer, names, limit=limit, batch_size=batch_size)
-    typer.echo(f"{model}: zero-shot ({result.seconds:.0f} s)\n{result.table()}")
-    _write_json(json_out, {"model": model, **result.to_dict()})
+    job = ZeroShotJob(**options)
+    names = [t.strip() for t in job.tasks.split(",") if t.strip()]
+    check_tasks(names, job.limit)  # unknown names, then missing files, fail before the model loads
+    opts.check_json(json_out)
+    lm, tokenizer = job.load(opts.device(job.device))
+    result = evaluate_zeroshot(lm, tokenizer, names, limit=job.limit, batch_size=job.batch_size)
+    typer.echo(f"{job.model}: zero-shot ({result.seconds:.0f} s)\n{result.table()}")
+    opts.write_json(json_out, {"model": job.model, **result.to_dict()})
 
 
-@friendly
+eval_app.command("ppl")(opts.command(eval_ppl, opts.option_parameters([PerplexityJob], unset=False)))
+eval_app.command("zeroshot")(opts.command(eval_zeroshot, opts.option_parameters([ZeroShotJob], unset=False)))
+
+
+@opts.friendly
 def prune(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, help="A recipe file (YAML or JSON) of these options; flags given win."),
@@ -164,65 +82,63 @@ def prune(
     from prunekit.jobs import PruneJob, apply_recipe, describe_prune, run_prune_job
 
     values = {k: v for k, v in ctx.params.items() if k not in ("config", "json_out")}
-    values = generated.merge_recipe(ctx, values, generated.read_recipe(config))
+    values = opts.merge_recipe(ctx, values, opts.read_recipe(config))
     if values["method"] is None:
         raise PrunekitError(f"pass --method ({', '.join(CONFIGS)}) or set method in the --config file")
     cls = config_class(values["method"])
-    job_fields = [f.name for f in generated.cli_fields(PruneJob)]
+    job_fields = [f.name for f in opts.cli_fields(PruneJob)]
     chosen = {k: v for k, v in values.items() if k not in job_fields}
     chosen, values["calib"], values["nsamples"], values["seqlen"] = apply_recipe(
         values["recipe"], cls.method, chosen, values["calib"], values["nsamples"], values["seqlen"]
     )
     job = PruneJob(**{k: values[k] for k in job_fields})
-    shared = {f.name: values[f.name] for f in generated.cli_fields(cls) if f.name in job_fields}  # e.g. --seed
-    method_config = generated.build_config(cls, {**chosen, **shared}, f"--method {cls.method}")
-    _check_json(json_out)
-    report = run_prune_job(job, method_config, _device(job.device))
+    shared = {f.name: values[f.name] for f in opts.cli_fields(cls) if f.name in job_fields}  # e.g. --seed
+    method_config = opts.build_config(cls, {**chosen, **shared}, f"--method {cls.method}")
+    opts.check_json(json_out)
+    report = run_prune_job(job, method_config, opts.device(job.device))
     typer.echo(describe_prune(report))
-    _write_json(json_out, report)
+    opts.write_json(json_out, report)
 
 
-_job_options = generated.option_parameters([PruneJob], unset=False)
+_job_options = opts.option_parameters([PruneJob], unset=False)
 _job_options[2].default.help += " " + "; ".join(f"{n}: {c.summary}" for n, c in CONFIGS.items()) + "."
-_method_options = generated.option_parameters(CONFIGS.values(), lambda c: c.method, skip=[p.name for p in _job_options])
-app.command(name="prune")(generated.command(prune, [*_job_options, *_method_options]))
+_method_options = opts.option_parameters(CONFIGS.values(), lambda c: c.method, skip=[p.name for p in _job_options])
+app.command(name="prune")(opts.command(prune, [*_job_options, *_method_options]))
 
 
-@friendly
+@opts.friendly
 def prune_retrain(**options):
     """Han et al.'s iterative pruning: magnitude-prune, retrain the survivors (pruned weights held at
     zero), prune further, along the schedule."""
     from prunekit.jobs import PruneRetrainJob, prune_retrain_job
 
     job = PruneRetrainJob(**options)
-    for stage in prune_retrain_job(job, _device(job.device)):
+    for stage in prune_retrain_job(job, opts.device(job.device)):
         metric = f", perplexity {stage['metric']:.2f}" if "metric" in stage else ""
         loss = "no retraining (--steps 0)" if stage["final_loss"] is None else f"train loss {stage['final_loss']:.3f}"
         typer.echo(f"stage {stage['stage']}: sparsity {stage['achieved']:.1%}, {loss}{metric}")
     typer.echo(f"saved {job.out}")
 
 
-app.command(name="prune-retrain")(
-    generated.command(prune_retrain, generated.option_parameters([PruneRetrainJob], unset=False))
-)
+app.command(name="prune-retrain")(opts.command(prune_retrain, opts.option_parameters([PruneRetrainJob], unset=False)))
 
 
-@friendly
+@opts.friendly
 def recover(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON), **options):
     """Recover a pruned model's quality by LoRA, continued pretraining or distillation; runs under
     `accelerate launch` (DDP) unchanged."""
     from prunekit.jobs import recover_job
     from prunekit.recover.train import make_accelerator
 
-    job_fields = [f.name for f in generated.cli_fields(RecoverJob)]
+    job_fields = [f.name for f in opts.cli_fields(RecoverJob)]
     job = RecoverJob(**{k: options.pop(k) for k in job_fields})
     lora = {k.removeprefix("lora_"): options.pop(k) for k in list(options) if k.startswith("lora_")}
     if lora.get("targets"):
         lora["targets"] = [t.strip() for t in ",".join(lora["targets"]).split(",") if t.strip()]
-    config = generated.build_config(RecoverConfig, options, "prunekit recover")
-    config.lora = generated.build_config(LoraSettings, lora, "LoRA")
+    config = opts.build_config(RecoverConfig, options, "prunekit recover")
+    config.lora = opts.build_config(LoraSettings, lora, "LoRA")
     job.check(config)
-    _check_json(json_out)
+    opts.check_json(json_out)
     state = make_accelerator(config)  # first: every process must know which one it is
     report = recover_job(job, config, state)
     if state.is_main_process:
@@ -234,17 +150,17 @@ def recover(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON), 
         )
         typer.echo(f"recovered {job.model} by {config.mode} in {rec['seconds']:.1f} s: loss {rec['losses'][0]:.3f} -> "
                    f"{rec['losses'][-1]:.3f}{ppl}\nsaved {job.out} (loss curve: {job.out / 'loss.png'})")  # fmt: skip
-        _write_json(json_out, report)
+        opts.write_json(json_out, report)
 
 
-app.command(name="recover")(generated.command(recover, [
-    *generated.option_parameters([RecoverJob], unset=False), *generated.option_parameters([RecoverConfig]),
-    *generated.option_parameters([LoraSettings], prefix="lora_"),
+app.command(name="recover")(opts.command(recover, [
+    *opts.option_parameters([RecoverJob], unset=False), *opts.option_parameters([RecoverConfig]),
+    *opts.option_parameters([LoraSettings], prefix="lora_"),
 ]))  # fmt: skip
 
 
 @app.command()
-@friendly
+@opts.friendly
 def bench(
     model: list[str] = typer.Option(..., help="Models to compare; give it once per model, the first is the baseline."),
     batch_sizes: str = typer.Option("1", help="Batch sizes, comma-separated."),
@@ -262,16 +178,16 @@ def bench(
     from prunekit.io.load import load
 
     sizes, lengths = _integers(batch_sizes, "--batch-sizes"), _integers(prompt_lengths, "--prompt-lengths")
-    _at_least(threads, "--threads")
-    _check_json(json_out)
-    models = {name: load(name, dtype=dtype, device=_device(device))[0] for name in dict.fromkeys(model)}
+    opts.at_least(threads, "--threads")
+    opts.check_json(json_out)
+    models = {name: load(name, dtype=dtype, device=opts.device(device))[0] for name in dict.fromkeys(model)}
     result = benchmark(models, sizes, lengths, new_tokens, repeats, lambda row: log.info("%s", row), threads)
     typer.echo(result.table())
-    _write_json(json_out, {**result.to_dict(), "ratios": result.ratios()})
+    opts.write_json(json_out, {**result.to_dict(), "ratios": result.ratios()})
 
 
 @app.command()
-@friendly
+@opts.friendly
 def unpack(
     model: str = typer.Option(..., help="A folder saved with --format compact."),
     out: Path = typer.Option(..., help="Where to write the standard (dense) Hugging Face folder."),
@@ -284,7 +200,7 @@ def unpack(
     typer.echo(f"unpacked {model} -> {out}")
 
 
-@friendly
+@opts.friendly
 def study(out: Path = typer.Option(..., help="Study folder: points/, results.json, report.md, study.png."), **fields):
     """Prune the model with every method at every ratio (optionally recover), measure perplexity,
     zero-shot accuracy and speed against the dense model, and write a report with plots. Finished
@@ -292,13 +208,15 @@ def study(out: Path = typer.Option(..., help="Study folder: points/, results.jso
     for name in ("methods", "tasks", "ratios"):  # comma-separated lists
         fields[name] = [x.strip() for x in ",".join(fields[name] or []).split(",") if x.strip()] or None
     fields["ratios"] = fields["ratios"] and _floats(",".join(fields["ratios"]), "--ratios")
-    config = generated.build_config(StudyConfig, fields, "prunekit study")
+    config = opts.build_config(StudyConfig, fields, "prunekit study")
     if config.recover is not None:
         RecoverConfig(mode=config.recover, lr=config.recover_lr)  # a bad mode or rate fails now, not after a point
     _run_study(config, out)
 
 
-app.command(name="study")(generated.command(study, generated.option_parameters([StudyConfig])))
+_study_options = opts.option_parameters([StudyConfig])
+_study_options[1].default.help += f" Available: {', '.join(study_variants())}."
+app.command(name="study")(opts.command(study, _study_options))
 
 
 def _run_study(config, out: Path) -> None:
@@ -324,7 +242,7 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 @app.command()
-@friendly
+@opts.friendly
 def demo(
     out: Path = typer.Option(Path("outputs/demo-study"), help="Where the study goes."),
     data: str = typer.Option("kjv", help="Evaluation text (the packaged King James Bible by default)."),

@@ -39,12 +39,59 @@ class Evaluation:
         return perplexity(model, tokenizer, self.text, self.seqlen, self.max_windows).to_dict()
 
 
-@dataclasses.dataclass
-class PruneJob:
-    """What ``prunekit prune`` does besides the method: input, calibration, evaluation, engine and output."""
+@dataclasses.dataclass(kw_only=True)
+class ModelSource:
+    """Where a job's model comes from and how it is loaded."""
 
     model: str
     """Model folder, hub id, or alias (smollm2-135m)."""
+    device: str = "auto"
+    """Compute device: cpu, cuda, cuda:1, mps or auto."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16."""
+    allow_pickle: bool = False
+    """Allow pickle (.bin) weights."""
+    trust_remote_code: bool = False
+    """Run the model repository's own code."""
+
+    def load(self, device: str, lazy: bool = False):
+        """``(model, tokenizer)`` on ``device`` (the resolved --device)."""
+        return load(self.model, dtype=self.dtype, device=device, allow_pickle=self.allow_pickle,
+                    trust_remote_code=self.trust_remote_code, lazy=lazy)  # fmt: skip
+
+
+@dataclasses.dataclass(kw_only=True)
+class PerplexityJob(ModelSource):
+    """``prunekit eval ppl``."""
+
+    data: str = "wikitext2"
+    """wikitext2, wikitext2-valid, c4, kjv, pydoc, a text file, or hf:DATASET?name=&split=&rows=."""
+    seqlen: int = 512
+    """Window length in tokens."""
+    max_windows: int | None = None
+    """Evaluate only the first N windows."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    bos: str = "stream"
+    """'stream' (GPTQ convention) or 'window' (BOS before every window)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ZeroShotJob(ModelSource):
+    """``prunekit eval zeroshot``."""
+
+    tasks: str = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa"
+    """Comma-separated: piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa, lambada."""
+    limit: int | None = None
+    """Evaluate only the first N items of each task."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class PruneJob(ModelSource):
+    """What ``prunekit prune`` does besides the method: input, calibration, evaluation, engine and output."""
+
     out: Path
     """Output folder (written atomically)."""
     method: str | None = None
@@ -65,10 +112,6 @@ class PruneJob:
     """Perplexity window length."""
     max_windows: int | None = None
     """Perplexity on the first N windows only."""
-    device: str = "auto"
-    """Compute device: cpu, cuda, cuda:1, mps or auto."""
-    dtype: str = "float32"
-    """float32, bfloat16 or float16."""
     batch_size: int = 1
     """Calibration samples per forward pass."""
     propagate: str = "pruned"
@@ -113,7 +156,7 @@ def run_prune_job(job: PruneJob, method_config: MethodConfig, device: str) -> di
     check_folder_path(job.checkpoint_dir, "--checkpoint-dir")
     engine = EngineConfig(device, batch_size=job.batch_size, propagate=job.propagate, checkpoint_dir=job.checkpoint_dir)
     # A lazy model stays on disk and the CPU; the engine brings each block to the compute device.
-    model, tokenizer = load(job.model, dtype=job.dtype, device="cpu" if job.lazy else device, lazy=job.lazy)
+    model, tokenizer = job.load("cpu" if job.lazy else device, lazy=job.lazy)
     calib = calibration_for(method_config, tokenizer, job.calib, job.nsamples, job.seqlen, job.seed)
     report = prune_job(model, tokenizer, job.model, method_config, calib, engine, out=job.out,
                        overwrite=job.overwrite, fmt=job.fmt, evaluation=evaluation)  # fmt: skip

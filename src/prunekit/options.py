@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import textwrap
@@ -101,7 +102,8 @@ def _parameter(name: str, classes: list[type], label, prefix: str, unset: bool) 
 def _default_text(f: dataclasses.Field) -> str:
     if f.default is dataclasses.MISSING or f.default in (None, (), False):
         return ""
-    return f" [default: {f.default}]"
+    value = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    return f" (default: {value})"  # not [..]: rich would read it as markup
 
 
 def build_config(cls: type, options: dict[str, Any], what: str):
@@ -147,10 +149,67 @@ def read_recipe(path: Path | None) -> dict[str, Any]:
 
 def merge_recipe(ctx: typer.Context, options: dict[str, Any], recipe: dict[str, Any]) -> dict[str, Any]:
     """``options`` with each one the user did not type taken from ``recipe``; an unknown key is an error."""
-    from click.core import ParameterSource
-
     for key in recipe:
         if key not in options:
             raise PrunekitError(f"--config: unknown option {key!r}; use the names of `prunekit {ctx.info_name} --help`")
-    typed = {k for k in options if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
+    # by name: typer may carry its own copy of click, whose ParameterSource is another enum
+    typed = {
+        k for k in options if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+    }
     return {k: (recipe[k] if k in recipe and k not in typed else v) for k, v in options.items()}
+
+
+# -- checks every command shares ---------------------------------------------------------------------
+
+
+def device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise PrunekitError(f"unknown --device {device!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise PrunekitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0...)")
+    if parsed.type not in ("cpu", "cuda", "mps") or (parsed.type == "mps" and not torch.backends.mps.is_available()):
+        raise PrunekitError(f"--device {device} is not available here; use --device cpu (or cuda, mps where present)")
+    return device
+
+
+def check_json(path: Path | None) -> None:
+    """Refuse a --json path that cannot be written, before the work whose result it would hold."""
+    if path is not None and path.is_dir():
+        raise PrunekitError(f"--json {path} is a folder; pass a file path such as {path / 'result.json'}")
+    if path is not None and not path.parent.is_dir():
+        raise PrunekitError(f"--json {path}: its folder {path.parent} does not exist or is a file; create it first")
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def at_least(value: int | None, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise PrunekitError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def friendly(fn):
+    """Turn input errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrunekitError as err:
+            typer.echo(f"prunekit: error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("prunekit: interrupted; rerun the same command to resume from its checkpoint", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunekit.methods.taylor import accumulate_gradients
+from prunekit.methods.gradients import accumulate_gradients
 from prunekit.models import Block, get_adapter, linear_weight
 from prunekit.sequential import EngineConfig, capture
 from prunekit.surgery.depth import remove_blocks, remove_sublayer, sublayer_params

@@ -31,10 +31,10 @@ import torch
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
 from prunekit.methods.allocation import Geometry, Shape, explicit_shape, global_shapes, uniform_shape
+from prunekit.methods.gradients import Gradients, accumulate_gradients
 from prunekit.methods.importance import AGGREGATIONS, TAYLOR_ORDERS, aggregate, fluctuation, magnitude, taylor, wanda_sp
 from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.stats import InputMoments, on_inputs
-from prunekit.methods.taylor import Gradients, accumulate_gradients
 from prunekit.models import get_adapter, linear_weight
 from prunekit.sequential import run_sequential
 from prunekit.surgery.config import reference_shapes

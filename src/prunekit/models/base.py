@@ -109,6 +109,7 @@ class ModelAdapter:
     final_norm_path: ClassVar[str | None] = None
     embedding_paths: ClassVar[tuple[str, ...]] = ()
     lm_head_path: ClassVar[str] = "lm_head"
+    mlp_width_key: ClassVar[str] = "intermediate_size"  # the config's name for the MLP width (OPT: ffn_dim)
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -7,6 +7,7 @@ from prunekit.models.base import Attention, Mlp, ModelAdapter, register
 class Gpt2Adapter(ModelAdapter):
     model_types = ("gpt2",)
     family = "GPT-2"
+    mlp_width_key = "n_inner"  # None in the config means 4 * n_embd; a pruned model writes the number
     blocks_path = "transformer.h"
     final_norm_path = "transformer.ln_f"
     embedding_paths = ("transformer.wte", "transformer.wpe")

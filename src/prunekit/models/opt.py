@@ -7,6 +7,7 @@ from prunekit.models.base import Attention, Mlp, ModelAdapter, register
 class OptAdapter(ModelAdapter):
     model_types = ("opt",)
     family = "OPT"
+    mlp_width_key = "ffn_dim"
     blocks_path = "model.decoder.layers"
     final_norm_path = "model.decoder.final_layer_norm"
     embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")

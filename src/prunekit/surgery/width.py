@@ -44,10 +44,6 @@ from prunekit.surgery.linear import (
     sorted_unique,
 )
 
-# The config names of the MLP width, first match wins (Llama & co., OPT, GPT-2).
-INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
-
-
 # -- shapes ----------------------------------------------------------------------------------------
 
 
@@ -277,9 +273,9 @@ def update_config_uniform(model: nn.Module) -> dict[str, int]:
         raise SurgeryError(f"{type(config).__name__} has no num_key_value_heads for {shape}")
 
     values = {}
-    key = next((k for k in INTERMEDIATE_KEYS if hasattr(config, k)), None)
-    if key is None:
-        raise SurgeryError(f"{type(config).__name__} has none of {INTERMEDIATE_KEYS} for the MLP width")
+    key = adapter.mlp_width_key
+    if not hasattr(config, key):
+        raise SurgeryError(f"{type(config).__name__} has no {key} for the MLP width")
     values[key] = shape.intermediate_size
     values["num_attention_heads"] = shape.num_heads
     if hasattr(config, "num_key_value_heads"):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.models import get_adapter
+from prunekit.models import get_adapter, is_conv1d
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Gradients:
 
 
 def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.t() if type(module).__name__ == "Conv1D" else tensor
+    return tensor.t() if is_conv1d(module) else tensor
 
 
 def block_linears(model) -> list[nn.Module]:
