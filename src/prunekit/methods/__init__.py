@@ -2,9 +2,10 @@
 (``prunekit.methods.registry``).
 
 ``prune(model, config, calibration, engine)`` looks the config's type up in ``METHODS`` and runs
-its block function in the sequential engine. A method that cannot work block by block (depth
-pruning: its scores need the whole network, and it changes the block list) registers a whole-model
-function instead, which returns the same report.
+its block function in the sequential engine. A method that cannot be one pass of blocks (depth
+pruning: it changes the block list, and its greedy mode scores in several passes) registers a
+whole-model function instead, which returns the same report (its scoring passes still run in the
+engine, with checkpoints).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig
         fingerprint=fingerprint,
         restore=(lambda block, report: method.restore(prepared, block, report)) if method.restore else None,
     )
-    outside = method.finish(prepared, model) if method.finish is not None else {}
+    outside = method.finish(prepared, model, report) if method.finish is not None else {}
     return report, outside
 
 

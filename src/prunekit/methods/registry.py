@@ -56,7 +56,7 @@ class MethodConfig:
 class Method:
     block: Callable[[MethodConfig, BlockStep], dict] | None  # prune one block: (config, step) -> report
     prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
-    finish: Callable | None = None  # (config, model) -> report, after the last block
+    finish: Callable | None = None  # (config, model, engine report) -> report outside the blocks, after the last block
     restore: Callable | None = None  # (config, block, report) -> None: reshape a block to take its checkpoint
     # instead of all the above: (config, model, calibration, engine) -> (EngineReport, report outside the blocks)
     whole_model: Callable[..., tuple[EngineReport, dict]] | None = None
