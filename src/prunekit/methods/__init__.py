@@ -10,8 +10,6 @@ engine, with checkpoints).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +25,7 @@ from prunekit.methods.registry import (
     config_class,
     register,
     register_whole_model,
+    run_fingerprint,
     study_variants,
 )
 from prunekit.sequential import EngineConfig, EngineReport, run_sequential
@@ -45,18 +44,6 @@ class PruneResult:
     def layer_sparsity(self) -> dict[str, float]:
         layers = {f"{b['block']}.{name}": s for b in self.engine.blocks for name, s in b.get("sparsity", {}).items()}
         return {**layers, **self.outside_blocks.get("sparsity", {})}
-
-
-def run_fingerprint(model, config, calibration: Calibration | None) -> str:
-    """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""
-    payload = {
-        "model": getattr(model.config, "_name_or_path", ""),
-        "config": model.config.to_diff_dict(),
-        "method": config.method,
-        "method_config": asdict(config),
-        "calibration": calibration.describe() if calibration else None,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prune(model, config, calibration: Calibration | None = None, engine: EngineConfig | None = None) -> PruneResult:
