@@ -17,6 +17,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods import DepthConfig, MagnitudeConfig, prune
 from prunekit.methods.depth_scores import CRITERIA
 from prunekit.models import get_adapter, linear_weight, parameter_counts
+from prunekit.sequential import EngineConfig
 from prunekit.surgery.depth import RemovedAttention, remove_blocks, remove_sublayer
 from prunekit.surgery.linear import SurgeryError
 from tiny_models import CONFIGS, FAMILIES, SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer, tokens
@@ -368,3 +369,61 @@ def test_cli_depth_end_to_end(tmp_path):
                  "--out", str(tmp_path / "d4"))  # fmt: skip
     assert result.returncode == 2 and "cannot remove all 2 blocks" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "d4").exists()
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+def crash_in_pass(monkeypatch, at_pass: int, at_block: int) -> None:
+    """Raise KeyboardInterrupt when scoring pass ``at_pass`` reaches block ``at_block`` (an interrupted run)."""
+    from prunekit.methods import depth_scores
+
+    real, passes = depth_scores.run_sequential, []
+
+    def run_sequential(model, process, *args, **kwargs):
+        passes.append(len(passes))
+
+        def crashing(step, here=passes[-1]):
+            if (here, step.index) == (at_pass, at_block):
+                raise KeyboardInterrupt
+            return process(step)
+
+        return real(model, crashing, *args, **kwargs)
+
+    monkeypatch.setattr(depth_scores, "run_sequential", run_sequential)
+
+
+@pytest.mark.parametrize(("criterion", "unit", "iterative", "at_pass", "at_block", "resumed"), [
+    ("block-influence", "block", False, 0, 3, 3),
+    ("angular", "block", False, 0, 2, 2),  # the states of every block boundary ride in the carry
+    ("ppl", "sublayer", False, 0, 4, 4),
+    ("ppl", "block", True, 1, 1, 5 + 1),  # the first greedy pass whole, the second up to block 1
+    ("angular", "sublayer", True, 1, 2, 5 + 2),
+])  # fmt: skip
+def test_depth_scoring_resumes_after_an_interruption_as_an_unbroken_run(
+    criterion, unit, iterative, at_pass, at_block, resumed, tmp_path, monkeypatch
+):
+    config = DepthConfig(criterion=criterion, unit=unit, remove=2, iterative=iterative, protect_first=0, protect_last=0)
+    calibration = Calibration(tokens(4, 16), "random", "", 0)
+    reference = deep_model("llama", layers=5)
+    expected = prune(reference, config, calibration)
+    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    crash_in_pass(monkeypatch, at_pass, at_block)
+    with pytest.raises(KeyboardInterrupt):
+        prune(deep_model("llama", layers=5), config, calibration, engine)
+    monkeypatch.undo()
+    model = deep_model("llama", layers=5)  # a new process: the weights in memory are the original ones
+    result = prune(model, config, calibration, engine)
+    assert result.engine.resumed_from == resumed
+    assert result.engine.blocks == expected.engine.blocks
+    result.outside_blocks["ranking"].pop("seconds"), expected.outside_blocks["ranking"].pop("seconds")
+    assert result.outside_blocks == expected.outside_blocks
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_depth_refuses_lazy_loading(tmp_path):
+    save_tiny(tmp_path / "src", "llama")
+    lazy, _ = load(tmp_path / "src", lazy=True)
+    with pytest.raises(PrunekitError, match="renumbers the blocks a lazy model reads from disk"):
+        prune(lazy, DepthConfig(remove=1), Calibration(tokens(2, 16), "random", "", 0))

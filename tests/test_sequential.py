@@ -95,3 +95,42 @@ def test_dense_propagation_feeds_unpruned_outputs_forward():
 def test_method_without_calibration_gets_a_clear_error():
     with pytest.raises(PrunekitError, match="calibration"):
         run_sequential(tiny_model("llama"), lambda step: step.forward(), None, EngineConfig(progress=False))
+
+
+def test_a_step_replaces_its_inputs_and_its_carry_survives_a_resume(tmp_path):
+    """Block 0 doubles its inputs (the engine's re-run uses them); every step counts in the carry."""
+    ids = tokens(n=2, seqlen=8)
+
+    def double_first_inputs(step):
+        if step.index == 0:
+            step.inputs = [2 * x for x in step.inputs]
+        step.carry["seen"] = torch.cat([step.carry.get("seen", torch.zeros(0)), torch.tensor([step.index])])
+
+    def run(process, **kwargs):
+        return run_sequential(tiny_model("llama"), process, ids, EngineConfig(progress=False, **kwargs),
+                              fingerprint="f", keep_outputs=True)  # fmt: skip
+
+    reference = run(double_first_inputs)
+    assert reference.carry["seen"].tolist() == [0, 1]
+    assert not torch.equal(reference.outputs[0], run(lambda step: None).outputs[0])
+
+    def crash_at_second_block(step):
+        if step.index == 1:
+            raise Interrupt
+        double_first_inputs(step)
+
+    with pytest.raises(Interrupt):
+        run(crash_at_second_block, checkpoint_dir=tmp_path)
+    resumed = run(double_first_inputs, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 1
+    assert resumed.carry["seen"].tolist() == [0, 1]
+    assert torch.equal(resumed.outputs[0], reference.outputs[0])
+
+
+def test_a_score_only_pass_checkpoints_no_weights(tmp_path):
+    ids = tokens(n=2, seqlen=8)
+    config = EngineConfig(progress=False, checkpoint_dir=tmp_path)
+    run_sequential(tiny_model("llama"), lambda step: {"score": 1.5}, ids, config, save_weights=False)
+    assert not list(tmp_path.glob("block_*"))
+    report = run_sequential(tiny_model("llama"), lambda step: None, ids, config, save_weights=False)
+    assert report.resumed_from == 2 and report.blocks == [{"block": 0, "score": 1.5}, {"block": 1, "score": 1.5}]

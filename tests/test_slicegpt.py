@@ -2,9 +2,11 @@
 has no energy to lose, and the sliced model saves, reloads and generates."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from prunekit import load, save_pruned
@@ -229,3 +231,59 @@ def test_depth_pruning_a_sliced_model_is_refused():
     prune(model, SliceGPTConfig(slice=0.25), calibration(), ENGINE)
     with pytest.raises(PrunekitError, match="depth-prune first, then slice"):
         prune(model, DepthConfig(criterion="magnitude", remove=1), engine=ENGINE)
+
+
+# -- resume ----------------------------------------------------------------------------------------
+
+
+def _interrupted(model, config, engine, where: str) -> None:
+    """Prune with SliceGPT and raise KeyboardInterrupt at block 1 or in ``finish`` (after the last block)."""
+    from prunekit.methods import METHODS
+
+    original = METHODS[SliceGPTConfig]
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    def block(plan, step):
+        return crash() if step.index == 1 else original.block(plan, step)
+
+    METHODS[SliceGPTConfig] = (
+        dataclasses.replace(original, block=block) if where == "block" else dataclasses.replace(original, finish=crash)
+    )
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prune(model, config, calibration(), engine)
+    finally:
+        METHODS[SliceGPTConfig] = original
+
+
+@pytest.mark.parametrize(("family", "orientation", "where", "resumed"), [
+    ("llama", "pca", "block", 1), ("opt", "random", "block", 1), ("gpt2", "pca", "finish", 2),
+])  # fmt: skip
+def test_slicegpt_resumes_after_an_interruption_as_an_unbroken_run(family, orientation, where, resumed, tmp_path):
+    config = SliceGPTConfig(slice=0.25, orientation=orientation)
+    reference = tiny_model(family)
+    expected = prune(reference, config, calibration(), ENGINE)
+    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    _interrupted(tiny_model(family), config, engine, where)
+    saved = load_file(tmp_path / "ckpt" / "block_00000.safetensors")
+    assert {n.rsplit(".", 2)[-2] for n in saved} >= {"attn_shortcut", "mlp_shortcut"}  # restore must attach them
+    model = tiny_model(family)  # a new process: the weights in memory are the original ones
+    result = prune(model, config, calibration(), engine)
+    assert result.engine.resumed_from == resumed
+    assert result.engine.blocks == expected.engine.blocks and result.outside_blocks == expected.outside_blocks
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(logits(model), logits(reference))
+
+
+def test_slicegpt_refuses_lazy_loading_and_dense_propagation(tmp_path):
+    save_tiny(tmp_path / "src", "llama")
+    lazy, _ = load(tmp_path / "src", lazy=True)
+    engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(PrunekitError, match="folds the norms into every block .* without --lazy"):
+        prune(lazy, SliceGPTConfig(), calibration(), engine)
+    with pytest.raises(PrunekitError, match="drop --propagate"):
+        prune(tiny_model("llama"), SliceGPTConfig(), calibration(), EngineConfig(propagate="dense", progress=False))

@@ -5,7 +5,13 @@
         onload it (from disk, for a lazy model) to ``device``
         METHOD(step): hooks + step.forward() to collect statistics, then score/decide/apply
         re-run the block to produce the next block's inputs (pruned outputs propagate by default)
-        checkpoint it, offload it
+        checkpoint it (weights, next inputs, carry), offload it
+
+A method may replace the block's inputs before it runs them (``step.inputs``: SliceGPT projects the
+stream onto its first basis), declare the next block's inputs itself (``step.accept``: SliceGPT's are
+in coordinates the rotated block does not compute), and hand tensors to the next block's step
+(``step.carry``: SliceGPT's basis, depth's angular states). The carry is checkpointed with the next
+inputs, so a resumed run continues from exactly the state an uninterrupted one had.
 
 Capture replaces every block by a recorder that stores its call arguments and passes the hidden
 states through untouched, so each block gets exactly the mask and position embeddings the model
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 INPUTS_FILE = "inputs.safetensors"
+CARRY_FILE = "carry.safetensors"
 
 
 @dataclass
@@ -68,32 +75,42 @@ class EngineReport:
     resumed_from: int = 0  # blocks restored from a checkpoint instead of recomputed
     seconds: float = 0.0
     outputs: list[torch.Tensor] | None = None  # the last block's outputs, when asked for
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)  # what the last block's step handed on
 
 
 class BlockStep:
-    """What a method sees of one block: the adapter's view of it and a way to run the calibration."""
+    """What a method sees of one block: the adapter's view of it, its calibration inputs, the carry.
 
-    def __init__(self, block: Block, run: Callable[[], list[torch.Tensor]] | None, num_batches: int = 0):
+    ``inputs`` (per batch, on the offload device) and ``calls`` (the block's recorded call arguments per
+    batch) are ``None`` without calibration data. A method may assign ``inputs`` before ``forward``;
+    ``forward`` and the engine's re-run then use the new ones. ``carry`` comes from the previous block's
+    step (empty at block 0); whatever the method leaves in it goes to the next one."""
+
+    def __init__(self, block: Block, inputs, calls, device, offload, carry: dict[str, torch.Tensor]):
         self.block = block
         self.index = block.index
-        self.num_batches = num_batches
+        self.inputs: list[torch.Tensor] | None = inputs
+        self.calls: list[tuple] | None = calls
+        self.device, self.offload = device, offload
+        self.num_batches = len(calls or [])
+        self.carry = carry
         self.accepted: list[torch.Tensor] | None = None
-        self._run = run
 
     @property
     def has_calibration(self) -> bool:
-        return self._run is not None
+        return self.inputs is not None
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block over all calibration inputs (the method's hooks see them); returns its outputs."""
-        if self._run is None:
+        if self.inputs is None:
             raise PrunekitError("this method needs calibration data; pass --calib (e.g. c4)")
-        return self._run()
+        return _run_block(self.block.module, self.inputs, self.calls, self.device, self.offload)
 
     def accept(self, outputs: list[torch.Tensor]) -> None:
-        """Declare ``outputs`` (from ``forward``) the pruned block's outputs, so the engine need not re-run it.
+        """Declare ``outputs`` the next block's inputs, so the engine need not re-run the block.
 
-        Only valid when the weights did not change after that forward pass."""
+        Either the outputs of ``forward`` when the weights did not change after it, or what a method
+        that changes the stream's coordinates computes itself (SliceGPT)."""
         self.accepted = outputs
 
 
@@ -172,6 +189,7 @@ def run_sequential(
     keep_outputs: bool = False,
     read_only: bool = False,
     restore: Callable[[Block, dict], None] | None = None,
+    save_weights: bool = True,
 ) -> EngineReport:
     """Run ``process`` on every decoder block in order (see the module docstring).
 
@@ -180,13 +198,15 @@ def run_sequential(
     different run is refused instead of silently mixed in. ``read_only`` passes (statistics that
     change no weight, e.g. OWL's outlier census) neither need nor write a checkpoint. ``restore``
     reshapes a block to take its checkpoint when a method changes shapes (width pruning).
+    ``save_weights=False`` checkpoints only the reports, next inputs and carry: for a pass that
+    changes no weight but whose results are worth keeping (depth's scores).
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
     blocks = adapter.blocks()
     device = torch.device(config.device) if config.device else adapter.embeddings()[0].weight.device
     lazy = is_lazy(model)
-    if lazy and config.checkpoint_dir is None and not read_only:
+    if lazy and config.checkpoint_dir is None and not read_only and save_weights:
         raise PrunekitError("a lazily loaded model needs a checkpoint folder (--checkpoint-dir) for its blocks")
     use_checkpoint = config.checkpoint_dir is not None and not read_only
     checkpoint = _Checkpoint(config.checkpoint_dir, fingerprint, len(blocks)) if use_checkpoint else None
@@ -196,16 +216,19 @@ def run_sequential(
     if tokens is not None:
         inputs, calls = capture(model, tokens, config, device)
 
+    carry: dict[str, torch.Tensor] = {}
     done = checkpoint.done if checkpoint else 0
     if done:
         log.info("resuming after block %d from %s", done - 1, checkpoint.folder)
         for i in range(done):
             if restore is not None:
                 restore(adapter.block(i), checkpoint.reports[i])
-            checkpoint.restore_block(model, adapter, i, lazy)
+            if save_weights:
+                checkpoint.restore_block(model, adapter, i, lazy)
         report.blocks = list(checkpoint.reports)
         if inputs is not None:
             inputs = checkpoint.load_inputs()
+        carry = checkpoint.load_carry()
         report.resumed_from = done
 
     bar = tqdm(
@@ -222,24 +245,24 @@ def run_sequential(
         if lazy:
             materialize(model, f"{adapter.blocks_path}.{i}", block_module, device)
         block_module.to(device)
-
-        def run(i=i, module=block_module, inputs=inputs):
-            return _run_block(module, inputs, [c[i] for c in calls], device, config.offload_device)
-
-        outputs = run() if (inputs is not None and config.propagate == "dense") else None
-        step = BlockStep(adapter.block(i), run if inputs is not None else None, len(calls or []))
+        block_calls = [c[i] for c in calls] if calls is not None else None
+        step = BlockStep(adapter.block(i), inputs, block_calls, device, config.offload_device, carry)
+        dense = step.forward() if (inputs is not None and config.propagate == "dense") else None
         result = process(step) or {}
+        outputs = dense if dense is not None else step.accepted
         if inputs is not None and outputs is None:
-            outputs = step.accepted if step.accepted is not None else run()
+            outputs = step.forward()  # the pruned block, on the inputs the method may have replaced
+        carry = step.carry
         report.blocks.append({"block": i, **result})
         if checkpoint:
-            checkpoint.save_block(model, adapter, i, outputs, report.blocks, lazy)
+            checkpoint.save_block(model, adapter, i, outputs, carry, report.blocks, lazy, save_weights)
         if lazy:
             release(block_module)
         else:
             block_module.to(home)
         inputs = outputs
     report.outputs = inputs if keep_outputs else None
+    report.carry = carry
     report.seconds = time.perf_counter() - start
     return report
 
@@ -282,15 +305,18 @@ class _Checkpoint:
     def block_file(self, index: int) -> Path:
         return self.folder / f"block_{index:05d}.safetensors"
 
-    def save_block(self, model, adapter, index, outputs, reports, lazy) -> None:
-        prefix = f"{adapter.blocks_path}.{index}."
-        module = adapter.blocks()[index]
-        tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        _atomic_save(tensors, self.block_file(index))
+    def save_block(self, model, adapter, index, outputs, carry, reports, lazy, save_weights=True) -> None:
+        if save_weights:
+            prefix = f"{adapter.blocks_path}.{index}."
+            module = adapter.blocks()[index]
+            tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+            _atomic_save(tensors, self.block_file(index))
+            if lazy:
+                weight_source(model).redirect(list(tensors), self.block_file(index))
         if outputs is not None:
             _atomic_save({f"batch_{b}": h.contiguous() for b, h in enumerate(outputs)}, self.folder / INPUTS_FILE)
-        if lazy:
-            weight_source(model).redirect(list(tensors), self.block_file(index))
+        # always written (empty too), so a carry never outlives the block that handed it on
+        _atomic_save({k: v.detach().to("cpu").contiguous() for k, v in carry.items()}, self.folder / CARRY_FILE)
         state = {
             "fingerprint": self.fingerprint,
             "num_blocks": len(adapter.blocks()),
@@ -314,6 +340,10 @@ class _Checkpoint:
     def load_inputs(self) -> list[torch.Tensor]:
         tensors = load_file(str(self.folder / INPUTS_FILE))
         return [tensors[f"batch_{b}"] for b in range(len(tensors))]
+
+    def load_carry(self) -> dict[str, torch.Tensor]:
+        file = self.folder / CARRY_FILE
+        return dict(load_file(str(file))) if file.exists() else {}
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:

@@ -2,15 +2,14 @@
 (``prunekit.methods.registry``).
 
 ``prune(model, config, calibration, engine)`` looks the config's type up in ``METHODS`` and runs
-its block function in the sequential engine. A method that cannot work block by block (depth
-pruning: its scores need the whole network, and it changes the block list) registers a whole-model
-function instead, which returns the same report.
+its block function in the sequential engine. A method that cannot be one pass of blocks (depth
+pruning: it changes the block list, and its greedy mode scores in several passes) registers a
+whole-model function instead, which returns the same report (its scoring passes still run in the
+engine, with checkpoints).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ from prunekit.methods.registry import (
     config_class,
     register,
     register_whole_model,
+    run_fingerprint,
     study_variants,
 )
 from prunekit.sequential import EngineConfig, EngineReport, run_sequential
@@ -44,18 +44,6 @@ class PruneResult:
     def layer_sparsity(self) -> dict[str, float]:
         layers = {f"{b['block']}.{name}": s for b in self.engine.blocks for name, s in b.get("sparsity", {}).items()}
         return {**layers, **self.outside_blocks.get("sparsity", {})}
-
-
-def run_fingerprint(model, config, calibration: Calibration | None) -> str:
-    """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""
-    payload = {
-        "model": getattr(model.config, "_name_or_path", ""),
-        "config": model.config.to_diff_dict(),
-        "method": config.method,
-        "method_config": asdict(config),
-        "calibration": calibration.describe() if calibration else None,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prune(model, config, calibration: Calibration | None = None, engine: EngineConfig | None = None) -> PruneResult:
@@ -103,7 +91,7 @@ def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig
         fingerprint=fingerprint,
         restore=(lambda block, report: method.restore(prepared, block, report)) if method.restore else None,
     )
-    outside = method.finish(prepared, model) if method.finish is not None else {}
+    outside = method.finish(prepared, model, report) if method.finish is not None else {}
     return report, outside
 
 

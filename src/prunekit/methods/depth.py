@@ -1,9 +1,10 @@
 """Depth pruning: remove whole blocks (Shortened LLaMA, ShortGPT, SLEB, Gromov et al.), or single
 attention or MLP sub-layers (He et al. 2024, "What matters in transformers?").
 
-Not a per-block method: the scores need the whole network (a block's removal is judged by what the
-rest of the network makes of it) and removal changes the block list, so depth registers a
-whole-model function instead of a block function (``register_whole_model``).
+Not a per-block method: removal changes the block list, and a greedy ranking scores in one pass per
+removal, so depth registers a whole-model function instead of a block function
+(``register_whole_model``). Its scoring passes run in the sequential engine all the same
+(``depth_scores.Context.sweep``): with ``checkpoint_dir`` they are checkpointed and resume.
 
 The run:
 1. candidates: every unit (block, or attention / MLP sub-layer) outside the protected first and last
@@ -36,7 +37,7 @@ from typing import ClassVar
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
 from prunekit.methods.depth_scores import CRITERIA, Context, Network, Unit, angular_runs
-from prunekit.methods.registry import MethodConfig, register_whole_model
+from prunekit.methods.registry import MethodConfig, register_whole_model, run_fingerprint
 from prunekit.models import parameter_counts
 from prunekit.sequential import EngineReport
 from prunekit.surgery.depth import has_removed_sublayers
@@ -144,7 +145,7 @@ def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[Engine
     """Score (or reuse a ranking), select, remove; returns the removals per unit and ``{"ranking": ...}``."""
     start = time.perf_counter()
     if is_lazy(model):
-        raise PrunekitError("depth pruning scores the whole network; drop --lazy")
+        raise PrunekitError("depth pruning renumbers the blocks a lazy model reads from disk; drop --lazy")
     if has_removed_sublayers(model):
         raise PrunekitError("this model already lacks sub-layers; depth-prune the model it was made from")
     if describe_hidden(model) is not None:  # each block's shortcuts change the stream's basis: none may be skipped
@@ -155,7 +156,9 @@ def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[Engine
     candidates = _candidates(config, total)
     costs = {unit: network.params(unit) for unit in candidates}
     target = config.target_params * parameter_counts(model)["non_embedding"] if config.target_params else None
-    ctx = Context(network, calibration.tokens if calibration is not None else None, engine.batch_size, engine.progress)
+    tokens = calibration.tokens if calibration is not None else None
+    fingerprint = run_fingerprint(model, config, calibration)
+    ctx = Context(network, tokens, engine.batch_size, engine.progress, engine.checkpoint_dir, fingerprint)
     check_kept(config, total, _fewest_removals(config, total, candidates, target, costs))  # before any scoring
     ranking, chosen = _rank_and_select(config, ctx, candidates, target, costs)
     check_kept(config, total, chosen)
@@ -166,7 +169,8 @@ def depth_prune(config: DepthConfig, model, calibration, engine) -> tuple[Engine
     scores = {(u["block"], u["part"]): u.get("score") for u in ranking["order"]}
     removed = [{"block": b, "removed": part, "score": scores.get((b, part))} for b, part in chosen]
     log.info("depth: removed %s", ", ".join(f"{b}.{p}" for b, p in chosen))
-    return EngineReport(blocks=removed, seconds=time.perf_counter() - start), {"ranking": ranking}
+    report = EngineReport(blocks=removed, resumed_from=ctx.resumed, seconds=time.perf_counter() - start)
+    return report, {"ranking": ranking}
 
 
 def _rank_and_select(config: DepthConfig, ctx: Context, candidates, target, costs) -> tuple[dict, list[Unit]]:

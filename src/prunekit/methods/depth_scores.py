@@ -14,6 +14,12 @@ A unit is ``(block, part)``: ``block`` is the block's index in the original mode
   averaged; for blocks also between the input of block l and the output of block l + n − 1, which
   gives the best contiguous run of n blocks (``angular_runs``).
 
+The data-driven criteria but Taylor (ppl, block-influence, angular) score in passes of the sequential
+engine (``Context.sweep``): each block's step scores its units and reports them, so a pass is
+checkpointed block by block and an interrupted run resumes (greedy runs make one pass per removal,
+each in a checkpoint folder of its own). Taylor needs one backward pass through the whole model and
+magnitude no data; both score outside the engine, in seconds.
+
 For a sub-layer, input and output are the residual stream before and after it (the state between
 attention and MLP is the block's output with its MLP left out). A sub-layer is left out by zeroing its
 output projection, weight and bias: it then adds exactly zero to the residual stream, which is what
@@ -24,17 +30,19 @@ block stays intact for the gradients. Blocks are left out by not running them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from prunekit.methods.gradients import accumulate_gradients
 from prunekit.models import Block, get_adapter, linear_weight
-from prunekit.sequential import EngineConfig, capture
+from prunekit.sequential import BlockStep, EngineConfig, EngineReport, capture, run_sequential
 from prunekit.surgery.depth import remove_blocks, remove_sublayer, sublayer_params
 
 Unit = tuple[int, str]  # (original block index, "block" | "attention" | "mlp")
@@ -119,15 +127,40 @@ def _zero_output(view: Block, part: str) -> list[tuple[torch.Tensor, torch.Tenso
 
 @dataclass
 class Context:
-    """What every criterion gets: the network, the calibration tokens, how to batch them."""
+    """What every criterion gets: the network, the calibration tokens, how to batch and checkpoint them."""
 
     network: Network
     tokens: torch.Tensor | None
     batch_size: int = 1
     progress: bool = True
+    checkpoint_dir: Path | None = None  # each scoring pass checkpoints in a folder of its own under it
+    fingerprint: str = ""  # the run's; each pass adds what it scores on which network
+    passes: int = 0
+    resumed: int = 0  # blocks restored from checkpoints, over every pass
 
     def replay(self) -> Replay:
         return Replay(self.network, self.tokens, self.batch_size)
+
+    def sweep(self, score: Callable[[BlockStep], dict], what: str, units: list) -> EngineReport:
+        """One pass of ``score`` over the network's blocks in the sequential engine, checkpointed.
+
+        The blocks stay where they are (as ``Replay`` runs them) and change no weight, so the
+        checkpoint keeps the scores, next inputs and carry only."""
+        network = self.network
+        folder = self.checkpoint_dir / f"depth-{self.passes:03d}" if self.checkpoint_dir is not None else None
+        self.passes += 1
+        device = str(network.device)
+        engine = EngineConfig(None, device, self.batch_size, checkpoint_dir=folder, progress=self.progress)
+        payload = [self.fingerprint, what, network.alive, network.muted, sorted(units)]
+        fingerprint = hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+        report = run_sequential(network.model, score, self.tokens, engine, fingerprint=fingerprint, save_weights=False)
+        self.resumed += report.resumed_from
+        return report
+
+
+def _scores(report: EngineReport) -> dict[Unit, float]:
+    """The scores the blocks of a pass reported, as ``[block, part, score]`` lists (JSON keeps them exact)."""
+    return {(block, part): score for r in report.blocks for block, part, score in r.get("scores", [])}
 
 
 class Replay:
@@ -173,31 +206,28 @@ def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
     return grouped
 
 
-def _bar(ctx: Context, total: int, what: str):
-    return tqdm(total=total, desc=f"depth {what}", unit="unit", disable=not ctx.progress)
-
-
 # -- criteria --------------------------------------------------------------------------------------
 
 
 def ppl_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
-    """Calibration perplexity of the network without each unit (Shortened LLaMA's PPL; SLEB when greedy)."""
-    replay, network = ctx.replay(), ctx.network
-    grouped = _by_block(units)
-    last = max(network.alive.index(b) for b in grouped)
-    hidden, scores = replay.inputs, {}
-    with _bar(ctx, len(units), "ppl") as bar:
-        for position, block in enumerate(network.alive[: last + 1]):
-            for unit in grouped.get(block, []):
-                if unit[1] == "block":
-                    scores[unit] = math.exp(replay.nll(hidden, position + 1))
-                else:
-                    with network.without(unit):
-                        scores[unit] = math.exp(replay.nll(hidden, position))
-                bar.update()
-            if position < last:
-                hidden = replay.run(position, hidden)
-    return scores
+    """Calibration perplexity of the network without each unit (Shortened LLaMA's PPL; SLEB when greedy).
+
+    Block p's step runs the rest of the network from its input: the engine keeps the walk, ``Replay``
+    the rest, so the whole model stays in memory (no ``--lazy``)."""
+    replay, network, grouped = ctx.replay(), ctx.network, _by_block(units)
+
+    def score(step: BlockStep) -> dict:
+        scores = []
+        for unit in grouped.get(network.alive[step.index], []):
+            if unit[1] == "block":
+                nll = replay.nll(step.inputs, step.index + 1)
+            else:
+                with network.without(unit):
+                    nll = replay.nll(step.inputs, step.index)
+            scores.append([*unit, math.exp(nll)])
+        return {"scores": scores}
+
+    return _scores(ctx.sweep(score, "ppl", units))
 
 
 def _influence(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -218,24 +248,22 @@ def _angular(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _sweep(ctx: Context, units: list[Unit], measure: Callable, what: str) -> dict[Unit, float]:
-    """``measure(input, output)`` of every unit, from one walk over the blocks."""
-    replay, network = ctx.replay(), ctx.network
-    grouped = _by_block(units)
-    last = max(network.alive.index(b) for b in grouped)
-    hidden, scores = replay.inputs, {}
-    with _bar(ctx, len(units), what) as bar:
-        for position, block in enumerate(network.alive[: last + 1]):
-            output = replay.run(position, hidden)
-            here = grouped.get(block, [])
-            if any(part != "block" for _, part in here):
-                with network.without((block, "mlp")):
-                    middle = replay.run(position, hidden)  # the residual stream between attention and MLP
-                ends = {"attention": (hidden, middle), "mlp": (middle, output)}
-            for unit in here:
-                scores[unit] = measure(*((hidden, output) if unit[1] == "block" else ends[unit[1]]))
-                bar.update()
-            hidden = output
-    return scores
+    """``measure(input, output)`` of every unit, from one pass over the blocks."""
+    network, grouped = ctx.network, _by_block(units)
+
+    def score(step: BlockStep) -> dict:
+        block = network.alive[step.index]
+        here = grouped.get(block, [])
+        hidden, output = step.inputs, step.forward()
+        step.accept(output)  # no weight changed: the next block's inputs
+        if any(part != "block" for _, part in here):
+            with network.without((block, "mlp")):
+                middle = step.forward()  # the residual stream between attention and MLP
+            ends = {"attention": (hidden, middle), "mlp": (middle, output)}
+        pairs = {unit: (hidden, output) if unit[1] == "block" else ends[unit[1]] for unit in here}
+        return {"scores": [[*unit, measure(*pair)] for unit, pair in pairs.items()]}
+
+    return _scores(ctx.sweep(score, what, units))
 
 
 def block_influence_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
@@ -246,16 +274,25 @@ def angular_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
     return _sweep(ctx, units, _angular, "angular")
 
 
+def _last_tokens(hidden: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([h[:, -1] for h in hidden])
+
+
 def angular_runs(ctx: Context, blocks: list[int], longest: int) -> tuple[list[dict], dict[Unit, float]]:
     """For each run length n up to ``longest``: the start of the contiguous run of ``blocks`` whose
     input and output are nearest in angle (Gromov et al.), and that distance; and the distance of
-    each single block. One forward pass."""
-    replay, network = ctx.replay(), ctx.network
-    states = [torch.cat([h[:, -1] for h in replay.inputs])]
-    hidden = replay.inputs
-    for position in tqdm(range(len(network.alive)), desc="depth angular", unit="block", disable=not ctx.progress):
-        hidden = replay.run(position, hidden)
-        states.append(torch.cat([h[:, -1] for h in hidden]))
+    each single block. One forward pass; the last-token states of every block boundary ride in the carry."""
+    network = ctx.network
+
+    def walk(step: BlockStep) -> None:
+        output = step.forward()
+        step.accept(output)
+        if "states" not in step.carry:  # block 0: the state entering the network
+            step.carry["states"] = _last_tokens(step.inputs)[None]
+        last = _last_tokens(output)[None]
+        step.carry["states"] = torch.cat([step.carry["states"].to(last.device), last])  # a checkpoint's is on the CPU
+
+    states = list(ctx.sweep(walk, "angular-runs", [(b, "block") for b in blocks]).carry["states"])
     allowed = {network.alive.index(b) for b in blocks}
     runs = []
     for n in range(1, longest + 1):

@@ -23,6 +23,7 @@ from prunekit.methods.masks import matrix_mask, nm_mask, parse_nm, sparsity_of
 from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import get_adapter, linear_weight
+from prunekit.sequential import EngineReport
 
 SCOPES = ("layer", "global")
 
@@ -129,7 +130,7 @@ def layer_mask(config: MagnitudeConfig, key: str, weight: torch.Tensor) -> torch
     return magnitude_mask(weight, config.sparsity)
 
 
-def magnitude_finish(config: MagnitudeConfig, model) -> dict:
+def magnitude_finish(config: MagnitudeConfig, model, report: EngineReport) -> dict:
     """Prune the token embeddings and/or the head when asked (at ``config.sparsity``, per matrix)."""
     adapter = get_adapter(model)
     targets = {}

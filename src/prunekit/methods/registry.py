@@ -16,8 +16,10 @@ This module imports nothing of the methods themselves, so every method file impo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from prunekit.errors import PrunekitError
@@ -56,7 +58,7 @@ class MethodConfig:
 class Method:
     block: Callable[[MethodConfig, BlockStep], dict] | None  # prune one block: (config, step) -> report
     prepare: Callable | None = None  # (config, model, calibration, engine) -> config, before block 0
-    finish: Callable | None = None  # (config, model) -> report, after the last block
+    finish: Callable | None = None  # (config, model, engine report) -> report outside the blocks, after the last block
     restore: Callable | None = None  # (config, block, report) -> None: reshape a block to take its checkpoint
     # instead of all the above: (config, model, calibration, engine) -> (EngineReport, report outside the blocks)
     whole_model: Callable[..., tuple[EngineReport, dict]] | None = None
@@ -110,3 +112,15 @@ def calibration_defaults(config: MethodConfig | type[MethodConfig]) -> tuple[int
 def study_variants() -> dict[str, Callable[[float], MethodConfig]]:
     """Every registered method's study configurations, by name (``width``, ``width-mlp``, ``depth``, ...)."""
     return {name: make for cls in CONFIGS.values() for name, make in cls.study_variants().items()}
+
+
+def run_fingerprint(model, config: MethodConfig, calibration) -> str:
+    """Identifies a run, so a checkpoint is only resumed by the run that wrote it."""
+    payload = {
+        "model": getattr(model.config, "_name_or_path", ""),
+        "config": model.config.to_diff_dict(),
+        "method": config.method,
+        "method_config": asdict(config),
+        "calibration": calibration.describe() if calibration else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -21,18 +21,20 @@ report gives each basis's kept share of the signal's energy.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
 
 from prunekit.errors import PrunekitError, StopForward
 from prunekit.io.lazy import is_lazy
-from prunekit.methods.registry import MethodConfig, register_whole_model
+from prunekit.methods.registry import MethodConfig, register
 from prunekit.models import get_adapter
-from prunekit.sequential import EngineReport, call_block, capture
+from prunekit.sequential import EngineReport, call_block, run_sequential
 from prunekit.surgery.hidden import (
+    SHORTCUTS,
+    attach_shortcut,
     hidden_width,
     make_invariant,
     norm_before,
@@ -137,69 +139,105 @@ def _oriented(basis: Basis, size: int, config: SliceGPTConfig, generator: torch.
     return Basis(vectors, basis.kept_energy)
 
 
-@register_whole_model(SliceGPTConfig)
-def slicegpt_prune(config: SliceGPTConfig, model, calibration, engine) -> tuple[EngineReport, dict]:
-    start = time.perf_counter()
+@dataclass
+class SlicePlan:
+    """What every block's step shares: the config, the stream's width before slicing and after."""
+
+    config: SliceGPTConfig
+    width: int
+    size: int
+
+    def basis(self, signals: list[torch.Tensor], device, generator: torch.Generator) -> Basis:
+        cov = Covariance(self.width, device)
+        for x in signals:
+            cov.add(x.to(device))
+        return _oriented(principal_basis(cov.sum, self.size, self.config.damp), self.size, self.config, generator)
+
+
+def slicegpt_prepare(config: SliceGPTConfig, model, calibration, engine) -> SlicePlan:
     if is_lazy(model):
-        raise PrunekitError("SliceGPT rotates the embeddings and the head too; load the model without --lazy")
-    width = hidden_width(model)
-    size = config.kept_size(width)
-    report = rotate_and_slice(model, calibration.tokens, size, config, engine)
-    report.seconds = time.perf_counter() - start
-    return report, {"hidden_size": {"before": width, "after": size}}
+        raise PrunekitError("SliceGPT folds the norms into every block before block 0 runs; load without --lazy")
+    return invariant_plan(model, config, config.kept_size(hidden_width(model)), engine)
 
 
-@torch.no_grad()
-def rotate_and_slice(model, tokens: torch.Tensor, size: int, config: SliceGPTConfig, engine) -> EngineReport:
-    """Make ``model`` invariant, rotate it block by block, slice its stream to ``size`` (``size`` = the
-    width rotates without slicing: the function is unchanged, which is what the tests check)."""
+def invariant_plan(model, config: SliceGPTConfig, size: int, engine) -> SlicePlan:
+    """Make ``model`` invariant (every norm folded into its readers); the plan for slicing it to ``size``."""
     from prunekit.surgery.depth import has_removed_sublayers
 
     if has_removed_sublayers(model):
         raise PrunekitError("SliceGPT needs both sub-layers of every block; slice the model before depth pruning")
+    if engine.propagate == "dense":
+        raise PrunekitError("SliceGPT's blocks read the stream the sliced blocks before them write; drop --propagate")
     make_invariant(model)
+    return SlicePlan(config, hidden_width(model), size)
+
+
+@torch.no_grad()
+def slicegpt_block(plan: SlicePlan, step) -> dict:
+    """Rotate one block (see the module docstring); the next block's inputs and basis go on in the step.
+
+    The carry holds the basis the block's input stream is in (``leaving`` of the block before), the
+    embeddings' basis (``first``, applied in ``slicegpt_finish``: nothing reads the embeddings before)
+    and the random orientation's generator, so a resumed run turns the next basis as an unbroken one."""
+    carry, device = step.carry, step.device
+    generator = torch.Generator().manual_seed(plan.config.seed)
+    if step.index == 0:  # the stream the embeddings write: its basis comes from block 0's inputs
+        entering = plan.basis(step.inputs, device, generator)
+        carry["first"] = entering.vectors
+        step.inputs = [project(x, entering.vectors, plan.size) for x in step.inputs]
+    else:
+        generator.set_state(carry["generator"])
+        entering = Basis(carry["leaving"], float(carry["leaving_energy"]))
+    block = step.block
+    middle = plan.basis(_mlp_inputs(block, step.inputs, step.calls, device), device, generator)
+    outputs = _outputs_with_sliced_middle(block, step.inputs, step.calls, device, middle.vectors, plan.size)
+    leaving = plan.basis(outputs, device, generator)
+    rotate_block(block, *(b.vectors.to(device) for b in (entering, middle, leaving)))
+    # the next block runs unrotated on this stream sliced in the leaving basis: not what the rotated block computes
+    step.accept([project(x, leaving.vectors, plan.size).to(step.offload) for x in outputs])
+    carry["leaving"] = leaving.vectors
+    carry["leaving_energy"] = torch.tensor(leaving.kept_energy, dtype=torch.float64)
+    carry["generator"] = generator.get_state()
+    return {"kept_energy": {"attention": entering.kept_energy, "mlp": middle.kept_energy}}
+
+
+@torch.no_grad()
+def slicegpt_finish(plan: SlicePlan, model, report: EngineReport) -> dict:
+    """Rotate the embeddings and the head by the first and last bases, then slice everything to ``size``."""
     adapter = get_adapter(model)
-    device = torch.device(engine.device) if engine.device else adapter.embeddings()[0].weight.device
-    generator = torch.Generator().manual_seed(config.seed)
-    inputs, calls = capture(model, tokens, engine, device)
-
-    def basis_of(signals: list[torch.Tensor]) -> Basis:
-        cov = Covariance(width, device)
-        for x in signals:
-            cov.add(x.to(device))
-        return _oriented(principal_basis(cov.sum, size, config.damp), size, config, generator)
-
-    width = hidden_width(model)
-    entering = basis_of(inputs)
     for embedding in adapter.embeddings():
-        rotate_embedding(embedding, entering.vectors.to(embedding.weight.device))
-    inputs = [project(x, entering.vectors, size) for x in inputs]
-    blocks = []
-    for i in _progress(adapter.num_blocks(), engine.progress):
-        block = adapter.block(i)
-        home = next(block.module.parameters()).device
-        block.module.to(device)
-        batch_calls = [c[i] for c in calls]
-        middle = basis_of(_mlp_inputs(block, inputs, batch_calls, device))
-        outputs = _outputs_with_sliced_middle(block, inputs, batch_calls, device, middle.vectors, size)
-        leaving = basis_of(outputs)
-        rotate_block(block, *(b.vectors.to(device) for b in (entering, middle, leaving)))
-        block.module.to(home)
-        blocks.append({"block": i, "kept_energy": {"attention": entering.kept_energy, "mlp": middle.kept_energy}})
-        inputs = [project(x, leaving.vectors, size).to(engine.offload_device) for x in outputs]
-        entering = leaving
+        rotate_embedding(embedding, report.carry["first"].to(embedding.weight.device))
     head = adapter.lm_head()
-    rotate_readers([head], entering.vectors.to(head.weight.device))
-    blocks.append({"block": "head", "kept_energy": {"head": entering.kept_energy}})
-    if size < width:
-        slice_hidden(model, size)
-    return EngineReport(blocks=blocks)
+    rotate_readers([head], report.carry["leaving"].to(head.weight.device))
+    report.blocks.append({"block": "head", "kept_energy": {"head": float(report.carry["leaving_energy"])}})
+    if plan.size < plan.width:
+        slice_hidden(model, plan.size)
+    return {"hidden_size": {"before": plan.width, "after": plan.size}}
 
 
-def _progress(count: int, show: bool):
-    from tqdm.auto import tqdm
+def slicegpt_restore(plan: SlicePlan, block, report: dict) -> None:
+    """A checkpointed block is rotated, not yet sliced (``finish`` slices): it only lacks its two shortcuts."""
+    like = block.mlp.down.weight
+    for part in SHORTCUTS:
+        attach_shortcut(block, part, torch.zeros(plan.width, plan.width, dtype=like.dtype, device=like.device))
 
-    return tqdm(range(count), desc="slicegpt blocks", unit="block", disable=not show)
+
+register(SliceGPTConfig, prepare=slicegpt_prepare, finish=slicegpt_finish, restore=slicegpt_restore)(slicegpt_block)
+
+
+def rotate_and_slice(model, tokens: torch.Tensor, size: int, config: SliceGPTConfig, engine) -> EngineReport:
+    """Make ``model`` invariant, rotate it block by block, slice its stream to ``size`` (``size`` = the
+    width rotates without slicing: the function is unchanged, which is what the tests check)."""
+    plan = invariant_plan(model, config, size, engine)
+    report = run_sequential(
+        model,
+        partial(slicegpt_block, plan),
+        tokens,
+        engine,
+        restore=partial(slicegpt_restore, plan),
+    )
+    slicegpt_finish(plan, model, report)
+    return report
 
 
 def _mlp_inputs(block, inputs, calls, device) -> list[torch.Tensor]:
@@ -238,7 +276,7 @@ def _outputs_with_sliced_middle(block, inputs, calls, device, middle: torch.Tens
         for hidden, call in zip(inputs, calls, strict=True):
             out = call_block(block.module, hidden, call, device)
             full, sliced = middles.pop()
-            outputs.append(out - full + sliced)
+            outputs.append(out - full.view_as(out) + sliced.view_as(out))  # OPT's layer flattens the tokens
     finally:
         handle.remove()
     return outputs

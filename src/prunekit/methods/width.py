@@ -36,7 +36,7 @@ from prunekit.methods.importance import AGGREGATIONS, TAYLOR_ORDERS, aggregate, 
 from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.stats import InputMoments, on_inputs
 from prunekit.models import get_adapter, linear_weight
-from prunekit.sequential import run_sequential
+from prunekit.sequential import EngineReport, run_sequential
 from prunekit.surgery.config import reference_shapes
 from prunekit.surgery.linear import SurgeryError, add_output_bias
 from prunekit.surgery.width import (
@@ -501,7 +501,7 @@ def width_block(plan: WidthPlan, step) -> dict:
     return _report(block, compensated)
 
 
-def width_finish(plan: WidthPlan, model) -> dict:
+def width_finish(plan: WidthPlan, model, report: EngineReport) -> dict:
     """Write the new widths into the config when one config describes every block (a standard folder).
 
     Otherwise (blocks of different widths; OPT / GPT-2 with heads removed; added biases the family's
