@@ -148,6 +148,7 @@ def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig
 
 
 from prunekit.methods.depth import DepthConfig  # noqa: E402  (each registers itself)
+from prunekit.methods.gptq import GPTQConfig  # noqa: E402
 from prunekit.methods.magnitude import MagnitudeConfig  # noqa: E402
 from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
@@ -155,13 +156,15 @@ from prunekit.methods.wanda import WandaConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 
 CONFIGS = {
-    cls.method: cls for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig, SliceGPTConfig)
+    cls.method: cls
+    for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig, WidthConfig, DepthConfig, SliceGPTConfig, GPTQConfig)
 }
 
 __all__ = [
     "CONFIGS",
     "METHODS",
     "DepthConfig",
+    "GPTQConfig",
     "MagnitudeConfig",
     "PruneResult",
     "SliceGPTConfig",

@@ -1,0 +1,297 @@
+"""GPTQ (Frantar et al. 2023): round weights to a low-bit grid column by column, compensating each rounding
+error on the columns not yet rounded with the inverse Hessian of the layer-wise reconstruction loss.
+
+It runs in the sequential engine exactly like SparseGPT (same calibration capture, Hessian, dampening
+retries, checkpoints) and shares its column sweep (``prunekit.methods.hessian``); only the target of a
+column differs: its nearest grid point instead of zero.
+
+The grid (the compressed-tensors convention, so a saved model needs no re-rounding): signed integer codes
+c in [-2^(b-1), 2^(b-1) - 1], one scale s and zero point z per output row and group of ``group_size``
+input columns, value s * (c - z). Symmetric grids have z = 0 and s = max|w| / (2^b - 1) * 2; asymmetric
+ones stretch [min(w, 0), max(w, 0)] over the 2^b codes. Zero is on every grid (c = z), so pruned
+weights stay exactly zero when SparseGPT quantizes in the same sweep.
+
+Weights stay in the model as floats on the grid (fake quantization); each quantized linear carries its
+grid as buffers ``weight_scale`` and ``weight_zero_point`` ([out, groups]), from which
+``prunekit.export.compressed`` recovers the integer codes exactly and saves them packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.methods import register
+from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
+from prunekit.methods.stats import Hessian
+from prunekit.methods.unstructured import ORDERS, in_features, prune_block, select_linears, weight_device
+from prunekit.models import get_adapter, linear_weight
+
+BITS = (2, 3, 4, 8)
+SCALE, ZERO = "weight_scale", "weight_zero_point"
+
+
+# --- the grid (pure functions) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """What the integer grid is: bits per weight, input columns per scale (-1: one per row), symmetric or not."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        check_grid(self.bits, self.group_size)
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def groups(self, columns: int) -> int:
+        return 1 if self.group_size == -1 else columns // self.group_size
+
+
+def check_grid(bits: int | None, group_size: int) -> None:
+    if bits is not None and bits not in BITS:
+        raise PrunekitError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise PrunekitError(f"--group-size must be -1 (one scale per row) or a positive divisor of the width, got {group_size}")
+
+
+def quant_grid(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ([out, groups], zero as integers in W's dtype) of the grid for each row and group."""
+    grid = QuantGrid(bits, group_size, sym)
+    rows, columns = W.shape
+    if group_size != -1 and columns % group_size:
+        raise PrunekitError(f"--group-size {group_size} does not divide the {columns} input columns of a layer")
+    G = W.reshape(rows, grid.groups(columns), -1)
+    lo, hi = G.amin(-1).clamp(max=0), G.amax(-1).clamp(min=0)  # zero must be on the grid
+    levels = 2**bits - 1
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    flat = hi == lo  # an all-zero group: any scale works, 1 keeps the codes finite
+    hi, lo = torch.where(flat, torch.ones_like(hi), hi), torch.where(flat, -torch.ones_like(lo), lo)
+    scale = (hi - lo) / levels
+    zero = torch.zeros_like(scale) if sym else (grid.qmin - lo / scale).round().clamp(grid.qmin, grid.qmax)
+    return scale, zero
+
+
+def quant_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes (as W's dtype) of W on the grid; ``scale``/``zero`` are [out, groups] (groups divide W)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s, z = _per_column(scale, W.shape[1]), _per_column(zero, W.shape[1])
+    return (W / s).round().add(z).clamp(qmin, qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """s * (c - z): the one formula every reader of the format uses (so the floats match bit for bit)."""
+    return (codes - _per_column(zero, codes.shape[1])) * _per_column(scale, codes.shape[1])
+
+
+def quantize_dequantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """W rounded to its nearest grid point (round-to-nearest, no error compensation)."""
+    return dequantize(quant_codes(W, scale, zero, bits), scale, zero)
+
+
+def _per_column(values: torch.Tensor, columns: int) -> torch.Tensor:
+    """[out, groups] -> [out, columns], each group's value repeated over its columns."""
+    return values.repeat_interleave(columns // values.shape[1], dim=1)
+
+
+def rtn(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest baseline: (weight on the grid, scale, zero), scale rounded to the weight's dtype."""
+    W = weight.detach().float()
+    scale, zero = quant_grid(W, grid.bits, grid.group_size, grid.sym)
+    scale = scale.to(weight.dtype).float()
+    return quantize_dequantize(W, scale, zero, grid.bits).to(weight.dtype), scale.to(weight.dtype), zero
+
+
+# --- the column rule GPTQ (and SparseGPT with --bits) sweeps with ---------------------------------------
+
+
+class QuantRule:
+    """Targets each column at its grid point. Without act-order, a group's grid is chosen when the sweep
+    reaches its first column, from the already-updated weights (GPTQ's order); with act-order (columns
+    visited by decreasing Hessian diagonal) the grid is fixed beforehand from the original weights in
+    their original order ("static groups", llm-compressor's ``actorder="weight"``), so a saved group is
+    still a run of consecutive columns that every reader understands."""
+
+    def __init__(self, W: torch.Tensor, grid: QuantGrid, dtype: torch.dtype, perm: torch.Tensor | None = None):
+        self.grid, self.dtype, self.perm = grid, dtype, perm
+        groups = grid.groups(W.shape[1])
+        self.scale = torch.zeros(W.shape[0], groups, dtype=W.dtype, device=W.device)
+        self.zero = torch.zeros_like(self.scale)
+        self.fixed = grid.group_size == -1 or perm is not None
+        if self.fixed:
+            self.scale, self.zero = self._grid(W, grid.group_size)
+
+    def _grid(self, W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, zero = quant_grid(W, self.grid.bits, group_size, self.grid.sym)
+        # the scale the model's dtype can hold, so dequantising the saved codes reproduces these floats
+        return scale.to(self.dtype).to(W.dtype), zero
+
+    def begin_block(self, W1, d, i1) -> None:
+        pass
+
+    def target(self, W1, d, i, column) -> torch.Tensor:
+        g = self.grid.group_size
+        original = int(self.perm[column]) if self.perm is not None else column
+        k = 0 if g == -1 else original // g
+        if not self.fixed and column % g == 0:
+            self.scale[:, k : k + 1], self.zero[:, k : k + 1] = self._grid(W1[:, i : i + g], -1)
+        s, z = self.scale[:, k], self.zero[:, k]
+        # quantize_dequantize on one column, spelled out: this runs once per column of every matrix
+        codes = (W1[:, i] / s).round().add(z).clamp(self.grid.qmin, self.grid.qmax)
+        return (codes - z) * s
+
+
+def sweep_blocksize(blocksize: int, grid: QuantGrid | None) -> int:
+    """A block size holding whole groups, so a group's grid is chosen from its current weights."""
+    if grid is None or grid.group_size == -1:
+        return blocksize
+    return grid.group_size * max(1, blocksize // grid.group_size)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: QuantGrid,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(quantized weight in the weight's dtype, scale [out, groups] in that dtype, zero [out, groups])."""
+    check_divides(grid, weight.shape[1], "a layer")
+    W, H = without_dead_inputs(weight, hessian)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        rule = QuantRule(W, grid, weight.dtype, perm)  # static groups, from the original order
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        rule = QuantRule(W, grid, weight.dtype)
+    Hinv = inverse_hessian_factor(H, percdamp, who="GPTQ")
+    W = obs_sweep(W, Hinv, sweep_blocksize(blocksize, grid), rule)
+    if perm is not None:
+        W = W[:, torch.argsort(perm)]
+    return W.to(weight.dtype), rule.scale.to(weight.dtype), rule.zero
+
+
+def check_divides(grid: QuantGrid, columns: int, where: str) -> None:
+    if grid.group_size != -1 and columns % grid.group_size:
+        raise PrunekitError(
+            f"--group-size {grid.group_size} does not divide the {columns} input columns of {where}; "
+            "choose a divisor (or -1 for one scale per row)"
+        )
+
+
+# --- the grid recorded on the model ---------------------------------------------------------------------
+
+
+def record_grid(linear: nn.Module, scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Keep the grid on the linear (buffers, so engine checkpoints carry them and a resumed run has them)."""
+    linear.register_buffer(SCALE, scale.detach().clone())
+    linear.register_buffer(ZERO, zero.detach().to(torch.int8))
+
+
+def grid_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    scale = getattr(linear, SCALE, None)
+    return None if scale is None else (scale, getattr(linear, ZERO))
+
+
+def clear_grids(model: nn.Module) -> None:
+    """Drop the recorded grids (the weights stay on the grid): a plain model that saves as any other."""
+    for module in model.modules():
+        for name in (SCALE, ZERO):
+            module._buffers.pop(name, None)
+
+
+def restore_grids(grid: QuantGrid, linears: dict[str, nn.Module]) -> None:
+    """Give each linear empty grid buffers of the right shape, so a checkpointed block's state loads into it."""
+    for linear in linears.values():
+        weight = linear_weight(linear)
+        shape = (weight.shape[0], grid.groups(weight.shape[1]))
+        record_grid(linear, torch.zeros(shape, dtype=weight.dtype), torch.zeros(shape))
+
+
+def check_model_widths(grid: QuantGrid, model, include=(), exclude=()) -> None:
+    """Refuse a group size that does not divide some selected linear, before any work is done."""
+    adapter = get_adapter(model)
+    for i in range(adapter.num_blocks()):
+        for name, linear in select_linears(adapter.block(i), include, exclude).items():
+            check_divides(grid, linear_weight(linear).shape[1], f"block {i}'s {name}")
+
+
+# --- GPTQ as a method -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQConfig:
+    """GPTQ weight quantization of every decoder linear (embeddings and the head stay as they are)."""
+
+    bits: int = 4
+    group_size: int = 128  # input columns per scale; -1: one scale per output row
+    sym: bool = True  # symmetric grid (zero point 0), the W4A16 convention of vLLM / llm-compressor
+    act_order: bool = False  # visit columns by decreasing Hessian diagonal (static groups)
+    percdamp: float = 0.01  # dampening, a fraction of the mean Hessian diagonal (raised tenfold on failure)
+    blocksize: int = 128  # columns per lazy update (rounded to whole groups)
+    hessian_dtype: str = "float32"
+    order: str = "sequential"  # see prunekit.methods.unstructured
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    needs_calibration = True
+    method: ClassVar[str] = "gptq"
+
+    def __post_init__(self):
+        check_grid(self.bits, self.group_size)
+        if self.blocksize < 1:
+            raise PrunekitError(f"--blocksize must be at least 1, got {self.blocksize}")
+        if not 0 < self.percdamp < 1:
+            raise PrunekitError(f"--percdamp must be in (0, 1), got {self.percdamp}")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise PrunekitError(f"--hessian-dtype must be float32 or float64, got {self.hessian_dtype!r}")
+        if self.order not in ORDERS:
+            raise PrunekitError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        self.include, self.exclude = tuple(self.include), tuple(self.exclude)
+
+    @property
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.group_size, self.sym)
+
+
+def gptq_prepare(config: GPTQConfig, model, calibration, engine) -> GPTQConfig:
+    check_model_widths(config.grid, model, config.include, config.exclude)
+    return config
+
+
+def gptq_restore(config: GPTQConfig, block, report: dict) -> None:
+    restore_grids(config.grid, select_linears(block, config.include, config.exclude))
+
+
+@register(GPTQConfig, prepare=gptq_prepare, restore=gptq_restore)
+def gptq_block(config: GPTQConfig, step) -> dict:
+    dtype = HESSIAN_DTYPES[config.hessian_dtype]
+
+    def quantize_linear(linear, stats: Hessian) -> None:
+        weight = linear_weight(linear)
+        W, scale, zero = gptq_quantize(
+            weight, stats.matrix, config.grid, config.blocksize, config.percdamp, config.act_order
+        )
+        with torch.no_grad():
+            weight.copy_(W)
+        record_grid(linear, scale, zero)
+
+    report = prune_block(config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), quantize_linear)
+    report["bits"] = config.bits
+    return report
