@@ -12,16 +12,19 @@ ones stretch [min(w, 0), max(w, 0)] over the 2^b codes. Zero is on every grid (c
 weights stay exactly zero when SparseGPT quantizes in the same sweep.
 
 Weights stay in the model as floats on the grid (fake quantization); each quantized linear carries its
-grid as buffers ``weight_scale`` and ``weight_zero_point`` ([out, groups]), from which
+grid (``grid_of(linear)``: scale and zero point, [out, groups]), from which
 ``prunekit.export.compressed`` recovers the integer codes exactly and saves them packed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.errors import PrunekitError
@@ -197,32 +200,54 @@ def check_divides(grid: QuantGrid, columns: int, where: str) -> None:
 
 
 # --- the grid recorded on the model ---------------------------------------------------------------------
+# A plain attribute, not a buffer: buffers would show in state_dict and in the shape checks of prunekit's
+# saves and surgery, which must keep seeing a plain model. A run with a checkpoint folder writes each
+# block's grids beside its checkpoint (``grids_NNNNN.safetensors``) so a resumed run gets them back.
+
+GRID_ATTR = "prunekit_grid"
 
 
 def record_grid(linear: nn.Module, scale: torch.Tensor, zero: torch.Tensor) -> None:
-    """Keep the grid on the linear (buffers, so engine checkpoints carry them and a resumed run has them)."""
-    linear.register_buffer(SCALE, scale.detach().clone())
-    linear.register_buffer(ZERO, zero.detach().to(torch.int8))
+    object.__setattr__(linear, GRID_ATTR, (scale.detach().clone(), zero.detach().to(torch.int8)))
 
 
 def grid_of(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    scale = getattr(linear, SCALE, None)
-    return None if scale is None else (scale, getattr(linear, ZERO))
+    """(scale, zero point) of a quantized linear, both [out, groups]; None if it was not quantized."""
+    return getattr(linear, GRID_ATTR, None)
 
 
 def clear_grids(model: nn.Module) -> None:
-    """Drop the recorded grids (the weights stay on the grid): a plain model that saves as any other."""
+    """Forget the recorded grids (the weights stay on the grid)."""
     for module in model.modules():
-        for name in (SCALE, ZERO):
-            module._buffers.pop(name, None)
+        module.__dict__.pop(GRID_ATTR, None)
 
 
-def restore_grids(grid: QuantGrid, linears: dict[str, nn.Module]) -> None:
-    """Give each linear empty grid buffers of the right shape, so a checkpointed block's state loads into it."""
-    for linear in linears.values():
-        weight = linear_weight(linear)
-        shape = (weight.shape[0], grid.groups(weight.shape[1]))
-        record_grid(linear, torch.zeros(shape, dtype=weight.dtype), torch.zeros(shape))
+def grids_file(folder: Path, index: int) -> Path:
+    return Path(folder) / f"grids_{index:05d}.safetensors"
+
+
+def save_block_grids(folder: Path | None, index: int, linears: dict[str, nn.Module]) -> None:
+    """Write a block's grids before the engine checkpoints the block (a crash in between recomputes both)."""
+    if folder is None:
+        return
+    tensors = {}
+    for name, linear in linears.items():
+        scale, zero = grid_of(linear)
+        tensors[f"{name}.{SCALE}"], tensors[f"{name}.{ZERO}"] = scale.cpu().contiguous(), zero.cpu().contiguous()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = grids_file(folder, index).with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, grids_file(folder, index))
+
+
+def load_block_grids(folder: Path | None, index: int, linears: dict[str, nn.Module]) -> None:
+    """Give a block restored from a checkpoint back the grids its run recorded."""
+    if folder is None:
+        return
+    tensors = load_file(str(grids_file(folder, index)))
+    for name, linear in linears.items():
+        device = linear_weight(linear).device
+        record_grid(linear, tensors[f"{name}.{SCALE}"].to(device), tensors[f"{name}.{ZERO}"].to(device))
 
 
 def check_model_widths(grid: QuantGrid, model, include=(), exclude=()) -> None:
@@ -250,6 +275,7 @@ class GPTQConfig:
     order: str = "sequential"  # see prunekit.methods.unstructured
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    grid_dir: Path | None = field(default=None, repr=False)  # filled by prepare: the engine's checkpoint folder
     needs_calibration = True
     method: ClassVar[str] = "gptq"
 
@@ -272,11 +298,11 @@ class GPTQConfig:
 
 def gptq_prepare(config: GPTQConfig, model, calibration, engine) -> GPTQConfig:
     check_model_widths(config.grid, model, config.include, config.exclude)
-    return config
+    return replace(config, grid_dir=engine.checkpoint_dir)
 
 
 def gptq_restore(config: GPTQConfig, block, report: dict) -> None:
-    restore_grids(config.grid, select_linears(block, config.include, config.exclude))
+    load_block_grids(config.grid_dir, block.index, select_linears(block, config.include, config.exclude))
 
 
 @register(GPTQConfig, prepare=gptq_prepare, restore=gptq_restore)
@@ -293,5 +319,6 @@ def gptq_block(config: GPTQConfig, step) -> dict:
         record_grid(linear, scale, zero)
 
     report = prune_block(config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), quantize_linear)
+    save_block_grids(config.grid_dir, step.index, select_linears(step.block, config.include, config.exclude))
     report["bits"] = config.bits
     return report

@@ -11,7 +11,8 @@ GPTQ's grid in the same sweep (the SparseGPT paper's joint 50% + 4-bit), so prun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -24,7 +25,8 @@ from prunekit.methods.gptq import (
     check_grid,
     check_model_widths,
     record_grid,
-    restore_grids,
+    load_block_grids,
+    save_block_grids,
     sweep_blocksize,
 )
 from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
@@ -45,6 +47,7 @@ class SparseGPTConfig(UnstructuredConfig):
     bits: int | None = None  # also round the kept weights to GPTQ's grid, in the same sweep (None: no)
     group_size: int = 128  # with bits: input columns per scale (-1: one per row)
     sym: bool = True  # with bits: symmetric grid
+    grid_dir: Path | None = field(default=None, repr=False)  # filled by prepare: the engine's checkpoint folder
     method: ClassVar[str] = "sparsegpt"
 
     def __post_init__(self):
@@ -113,12 +116,13 @@ def sparsegpt_prune(
 def sparsegpt_prepare(config: SparseGPTConfig, model, calibration, engine) -> SparseGPTConfig:
     if config.grid is not None:
         check_model_widths(config.grid, model, config.include, config.exclude)
+        config = replace(config, grid_dir=engine.checkpoint_dir)
     return owl_prepare(config, model, calibration, engine)
 
 
 def sparsegpt_restore(config: SparseGPTConfig, block, report: dict) -> None:
     if config.grid is not None:
-        restore_grids(config.grid, select_linears(block, config.include, config.exclude))
+        load_block_grids(config.grid_dir, block.index, select_linears(block, config.include, config.exclude))
 
 
 @register(SparseGPTConfig, prepare=sparsegpt_prepare, restore=sparsegpt_restore)
@@ -138,5 +142,6 @@ def sparsegpt_block(config: SparseGPTConfig, step) -> dict:
 
     report = prune_block(config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), prune_linear)
     if config.bits is not None:
+        save_block_grids(config.grid_dir, step.index, select_linears(step.block, config.include, config.exclude))
         report["bits"] = config.bits
     return report
