@@ -144,7 +144,9 @@ def save_compressed(
         ModelCompressor(quantization_config=quantization_config(grid, dense)).update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        manifest = _with_shapes({**(manifest or {}), "storage": {"format": "compressed-tensors", "bits": grid.bits}}, model)
+        manifest = _with_shapes(
+            {**(manifest or {}), "storage": {"format": "compressed-tensors", "bits": grid.bits}}, model
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         publish_permissions(tmp)
         _replace(tmp, out)

@@ -68,7 +68,9 @@ def check_grid(bits: int | None, group_size: int) -> None:
     if bits is not None and bits not in BITS:
         raise PrunekitError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if group_size != -1 and group_size < 1:
-        raise PrunekitError(f"--group-size must be -1 (one scale per row) or a positive divisor of the width, got {group_size}")
+        raise PrunekitError(
+            f"--group-size must be -1 (one scale per row) or a positive divisor of the width, got {group_size}"
+        )
 
 
 def quant_grid(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +122,20 @@ def rtn(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tens
     return quantize_dequantize(W, scale, zero, grid.bits).to(weight.dtype), scale.to(weight.dtype), zero
 
 
+@torch.no_grad()
+def rtn_model(model, grid: QuantGrid, include=(), exclude=()) -> None:
+    """Round every selected decoder linear to ``grid`` without error compensation (the baseline GPTQ beats);
+    the grids are recorded as GPTQ's are, so the result saves the same way."""
+    check_model_widths(grid, model, include, exclude)
+    adapter = get_adapter(model)
+    for i in range(adapter.num_blocks()):
+        for linear in select_linears(adapter.block(i), include, exclude).values():
+            weight = linear_weight(linear)
+            W, scale, zero = rtn(weight, grid)
+            weight.copy_(W)
+            record_grid(linear, scale, zero)
+
+
 # --- the column rule GPTQ (and SparseGPT with --bits) sweeps with ---------------------------------------
 
 
@@ -130,8 +146,16 @@ class QuantRule:
     their original order ("static groups", llm-compressor's ``actorder="weight"``), so a saved group is
     still a run of consecutive columns that every reader understands."""
 
-    def __init__(self, W: torch.Tensor, grid: QuantGrid, dtype: torch.dtype, perm: torch.Tensor | None = None):
+    def __init__(
+        self,
+        W: torch.Tensor,
+        grid: QuantGrid,
+        dtype: torch.dtype,
+        perm: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+    ):
         self.grid, self.dtype, self.perm = grid, dtype, perm
+        self.zeros = zeros  # [out, in] in sweep order: weights held at exactly zero (a pruned model's mask)
         groups = grid.groups(W.shape[1])
         self.scale = torch.zeros(W.shape[0], groups, dtype=W.dtype, device=W.device)
         self.zero = torch.zeros_like(self.scale)
@@ -156,7 +180,8 @@ class QuantRule:
         s, z = self.scale[:, k], self.zero[:, k]
         # quantize_dequantize on one column, spelled out: this runs once per column of every matrix
         codes = (W1[:, i] / s).round().add(z).clamp(self.grid.qmin, self.grid.qmax)
-        return (codes - z) * s
+        q = (codes - z) * s
+        return q if self.zeros is None else torch.where(self.zeros[:, column], torch.zeros_like(q), q)
 
 
 def sweep_blocksize(blocksize: int, grid: QuantGrid | None) -> int:
@@ -173,17 +198,23 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     act_order: bool = False,
+    keep_zeros: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(quantized weight in the weight's dtype, scale [out, groups] in that dtype, zero [out, groups])."""
+    """(quantized weight in the weight's dtype, scale [out, groups] in that dtype, zero [out, groups]).
+
+    ``keep_zeros``: weights that are exactly zero stay zero (a pruned model keeps its sparsity; zero is on
+    every grid), the others absorb their error as usual."""
     check_divides(grid, weight.shape[1], "a layer")
+    zeros = (weight == 0) if keep_zeros and bool((weight == 0).any()) else None
     W, H = without_dead_inputs(weight, hessian)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        rule = QuantRule(W, grid, weight.dtype, perm)  # static groups, from the original order
+        zeros = zeros[:, perm] if zeros is not None else None
+        rule = QuantRule(W, grid, weight.dtype, perm, zeros)  # static groups, from the original order
         W, H = W[:, perm], H[perm][:, perm]
     else:
-        rule = QuantRule(W, grid, weight.dtype)
+        rule = QuantRule(W, grid, weight.dtype, zeros=zeros)
     Hinv = inverse_hessian_factor(H, percdamp, who="GPTQ")
     W = obs_sweep(W, Hinv, sweep_blocksize(blocksize, grid), rule)
     if perm is not None:
@@ -269,6 +300,7 @@ class GPTQConfig:
     group_size: int = 128  # input columns per scale; -1: one scale per output row
     sym: bool = True  # symmetric grid (zero point 0), the W4A16 convention of vLLM / llm-compressor
     act_order: bool = False  # visit columns by decreasing Hessian diagonal (static groups)
+    keep_zeros: bool = True  # weights already exactly zero (a pruned model) stay zero
     percdamp: float = 0.01  # dampening, a fraction of the mean Hessian diagonal (raised tenfold on failure)
     blocksize: int = 128  # columns per lazy update (rounded to whole groups)
     hessian_dtype: str = "float32"
@@ -312,13 +344,15 @@ def gptq_block(config: GPTQConfig, step) -> dict:
     def quantize_linear(linear, stats: Hessian) -> None:
         weight = linear_weight(linear)
         W, scale, zero = gptq_quantize(
-            weight, stats.matrix, config.grid, config.blocksize, config.percdamp, config.act_order
+            weight, stats.matrix, config.grid, config.blocksize, config.percdamp, config.act_order, config.keep_zeros
         )
         with torch.no_grad():
             weight.copy_(W)
         record_grid(linear, scale, zero)
 
-    report = prune_block(config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), quantize_linear)
+    report = prune_block(
+        config, step, lambda lin: Hessian(in_features(lin), weight_device(lin), dtype), quantize_linear
+    )
     save_block_grids(config.grid_dir, step.index, select_linears(step.block, config.include, config.exclude))
     report["bits"] = config.bits
     return report

@@ -24,8 +24,8 @@ from prunekit.methods.gptq import (
     QuantRule,
     check_grid,
     check_model_widths,
-    record_grid,
     load_block_grids,
+    record_grid,
     save_block_grids,
     sweep_blocksize,
 )

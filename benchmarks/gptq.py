@@ -1,0 +1,189 @@
+"""GPTQ on SmolLM2-135M: perplexity against round-to-nearest, pruning time against one forward pass, and
+size on disk of pruned models at 16, 8 and 4 bits. One process, one model reload per row.
+
+Calibration: C4 sample, 64 windows of 512 tokens, seed 0 (the unstructured benchmark's). Evaluation:
+WikiText-2 raw test, seqlen 512, first ``--max-windows`` windows. Grids: symmetric, group 128 (W4A16's).
+16 bits: the weights rounded to bfloat16 (perplexity evaluated in float32 on those values), saved as a
+bfloat16 safetensors folder. 8 and 4 bits: saved as compressed-tensors; bytes are the weight files' sizes
+(embeddings and the tied head stay in the model's float32).
+
+    python benchmarks/gptq.py --json benchmarks/results/gptq-64.json --md benchmarks/results/gptq.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit import load
+from prunekit.data import calibration, eval_windows, load_text, tokenize
+from prunekit.evaluate import perplexity
+from prunekit.export.compressed import folder_bytes, save_compressed
+from prunekit.methods import GPTQConfig, SparseGPTConfig, WandaConfig, prune
+from prunekit.methods.gptq import QuantGrid, clear_grids, rtn_model
+from prunekit.sequential import EngineConfig
+
+GRID = dict(group_size=128, sym=True)
+
+
+@torch.no_grad()
+def plain_forward_seconds(model, tokens, batch_size=8) -> float:
+    start = time.perf_counter()
+    for batch in tokens.split(batch_size):
+        model(input_ids=batch, use_cache=False)
+    return time.perf_counter() - start
+
+
+def bf16_rounded(model):
+    """A copy whose weights are rounded to bfloat16 and back (what a 16-bit save holds)."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return rounded
+
+
+def bf16_bytes(model, tokenizer, folder: Path) -> int:
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(folder)
+    return folder_bytes(folder)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--json", default="benchmarks/results/gptq-64.json")
+    parser.add_argument("--md", default=None)
+    parser.add_argument("--skip-table", action="store_true", help="only dense / RTN / GPTQ rows")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+
+    model, tokenizer = load(args.model)
+    calib = calibration(tokenizer, "c4", n_samples=64, seqlen=512, seed=0)
+    text = load_text("wikitext2")
+    engine = EngineConfig(progress=False)
+    results = {
+        "model": args.model,
+        "calibration": calib.describe(),
+        "eval": {"data": "wikitext2 test", "seqlen": 512, "windows": args.max_windows},
+        "threads": torch.get_num_threads(),
+        "grid": GRID,
+        "runs": {},
+    }
+
+    def ppl(m):
+        return perplexity(m, tokenizer, text, seqlen=512, max_windows=args.max_windows, progress=False).ppl
+
+    def record(name, **row):
+        results["runs"][name] = row
+        print(name, json.dumps(row), flush=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+    def fresh():
+        return load(args.model)[0]
+
+    def quant_row(name, m, bits, prune_s=None, extra=None):
+        folder = work / name.replace(" ", "_").replace("%", "").replace(":", "-")
+        save_compressed(m, tokenizer, folder, QuantGrid(bits, **GRID))
+        record(name, ppl=ppl(m), bytes=folder_bytes(folder), prune_seconds=prune_s, **(extra or {}))
+        return folder
+
+    # --- dense, RTN and GPTQ ------------------------------------------------------------------------
+    record("dense fp32", ppl=ppl(model), bytes=None)
+    record("dense 16-bit", ppl=ppl(bf16_rounded(model)), bytes=bf16_bytes(model, tokenizer, work / "dense16"))
+    for bits in (8, 4):
+        m = fresh()
+        rtn_model(m, QuantGrid(bits, **GRID))
+        quant_row(f"dense RTN {bits}-bit g128", m, bits)
+
+    for bits in (4, 8):
+        m = fresh()
+        before = plain_forward_seconds(m, calib.tokens)
+        start = time.perf_counter()
+        prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
+        prune_s = time.perf_counter() - start
+        after = plain_forward_seconds(m, calib.tokens)
+        extra = {
+            "forward_seconds_before": before,
+            "forward_seconds_after": after,
+            "prune_over_forward": prune_s / ((before + after) / 2),
+        }
+        folder = quant_row(f"dense GPTQ {bits}-bit g128", m, bits, prune_s, extra)
+        if bits == 4:
+            results["transformers_load"] = transformers_check(m, folder, text, tokenizer)
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+    if not args.skip_table:
+        # --- Wanda 50% then GPTQ (zeros kept); SparseGPT 2:4 jointly quantized in its own sweep -------
+        wanda = fresh()
+        start = time.perf_counter()
+        prune(wanda, WandaConfig(0.5), calib, engine)
+        wanda_s = time.perf_counter() - start
+        record("wanda 50% fp32", ppl=ppl(wanda), bytes=None, prune_seconds=wanda_s)
+        record("wanda 50% 16-bit", ppl=ppl(bf16_rounded(wanda)), bytes=bf16_bytes(wanda, tokenizer, work / "w16"))
+        for bits in (8, 4):
+            m = copy.deepcopy(wanda)
+            clear_grids(m)
+            start = time.perf_counter()
+            prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
+            zeros = sum((p == 0).sum().item() for n, p in m.named_parameters() if "layers" in n and p.dim() == 2)
+            quant_row(f"wanda 50% + GPTQ {bits}-bit g128", m, bits, time.perf_counter() - start, {"zeros": zeros})
+        for bits in (None, 8, 4):
+            m = fresh()
+            start = time.perf_counter()
+            prune(m, SparseGPTConfig(nm="2:4", bits=bits, **GRID), calib, engine)
+            prune_s = time.perf_counter() - start
+            if bits is None:
+                record("sparsegpt 2:4 fp32", ppl=ppl(m), bytes=None, prune_seconds=prune_s)
+                record("sparsegpt 2:4 16-bit", ppl=ppl(bf16_rounded(m)), bytes=bf16_bytes(m, tokenizer, work / "s16"))
+            else:
+                quant_row(f"sparsegpt 2:4 joint {bits}-bit g128", m, bits, prune_s)
+    shutil.rmtree(work, ignore_errors=True)
+    if args.md:
+        Path(args.md).write_text(markdown(results))
+
+
+@torch.no_grad()
+def transformers_check(model, folder, text, tokenizer) -> dict:
+    """Load the saved folder with plain transformers on CPU; compare its logits with prunekit's model."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = eval_windows(tokenize(tokenizer, text), 512, 2)
+    a, b = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    return {"windows": 2, "logits_equal": bool(torch.equal(a, b)), "max_abs_diff": (a - b).abs().max().item()}
+
+
+def markdown(results: dict) -> str:
+    runs = results["runs"]
+    lines = [
+        "## GPTQ on SmolLM2-135M",
+        "",
+        "Command: `python benchmarks/gptq.py --md benchmarks/results/gptq.md`"
+        " (JSON: `benchmarks/results/gptq-64.json`).",
+        f"Calibration: C4 sample, 64 × 512 tokens, seed 0. Perplexity: WikiText-2 test, seqlen 512, first "
+        f"{results['eval']['windows']} windows. Grid: symmetric, group 128. {results['threads']} torch threads; "
+        "the 2-core machine was shared with other work while this ran.",
+        "",
+        "| model | perplexity | bytes on disk (weight files) | pruning time |",
+        "|---|---|---|---|",
+    ]
+    for name, row in runs.items():
+        size = f"{row['bytes'] / 2**20:.1f} MiB" if row.get("bytes") else "—"
+        t = f"{row['prune_seconds']:.0f} s" if row.get("prune_seconds") else "—"
+        lines.append(f"| {name} | {row['ppl']:.2f} | {size} | {t} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
