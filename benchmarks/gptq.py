@@ -62,7 +62,12 @@ def main():
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--json", default="benchmarks/results/gptq-64.json")
     parser.add_argument("--md", default=None)
-    parser.add_argument("--skip-table", action="store_true", help="only dense / RTN / GPTQ rows")
+    parser.add_argument(
+        "--part",
+        choices=("all", "quant", "table"),
+        default="all",
+        help="quant: dense/RTN/GPTQ rows; table: pruned rows",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -98,7 +103,17 @@ def main():
         record(name, ppl=ppl(m), bytes=folder_bytes(folder), prune_seconds=prune_s, **(extra or {}))
         return folder
 
-    # --- dense, RTN and GPTQ ------------------------------------------------------------------------
+    if args.part != "table":
+        quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
+    if args.part != "quant":
+        table_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work)
+    shutil.rmtree(work, ignore_errors=True)
+    if args.md:
+        Path(args.md).write_text(markdown(results))
+
+
+def quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work):
+    """Dense, round-to-nearest and GPTQ at 8 and 4 bits, GPTQ's time against one forward pass either side."""
     record("dense fp32", ppl=ppl(model), bytes=None)
     record("dense 16-bit", ppl=ppl(bf16_rounded(model)), bytes=bf16_bytes(model, tokenizer, work / "dense16"))
     for bits in (8, 4):
@@ -123,34 +138,34 @@ def main():
             results["transformers_load"] = transformers_check(m, folder, text, tokenizer)
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
-    if not args.skip_table:
-        # --- Wanda 50% then GPTQ (zeros kept); SparseGPT 2:4 jointly quantized in its own sweep -------
-        wanda = fresh()
+
+def table_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work):
+    """Wanda 50% then GPTQ (zeros kept); SparseGPT 2:4 jointly quantized in its own sweep; 16, 8, 4 bits."""
+    wanda = fresh()
+    start = time.perf_counter()
+    prune(wanda, WandaConfig(0.5), calib, engine)
+    wanda_s = time.perf_counter() - start
+    zeros = sum((p == 0).sum().item() for n, p in wanda.named_parameters() if "layers" in n and p.dim() == 2)
+    record("wanda 50% fp32", ppl=ppl(wanda), bytes=None, prune_seconds=wanda_s, zeros_in_blocks=zeros)
+    record("wanda 50% 16-bit", ppl=ppl(bf16_rounded(wanda)), bytes=bf16_bytes(wanda, tokenizer, work / "w16"))
+    for bits in (8, 4):
+        m = copy.deepcopy(wanda)
+        clear_grids(m)
         start = time.perf_counter()
-        prune(wanda, WandaConfig(0.5), calib, engine)
-        wanda_s = time.perf_counter() - start
-        record("wanda 50% fp32", ppl=ppl(wanda), bytes=None, prune_seconds=wanda_s)
-        record("wanda 50% 16-bit", ppl=ppl(bf16_rounded(wanda)), bytes=bf16_bytes(wanda, tokenizer, work / "w16"))
-        for bits in (8, 4):
-            m = copy.deepcopy(wanda)
-            clear_grids(m)
-            start = time.perf_counter()
-            prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
-            zeros = sum((p == 0).sum().item() for n, p in m.named_parameters() if "layers" in n and p.dim() == 2)
-            quant_row(f"wanda 50% + GPTQ {bits}-bit g128", m, bits, time.perf_counter() - start, {"zeros": zeros})
-        for bits in (None, 8, 4):
-            m = fresh()
-            start = time.perf_counter()
-            prune(m, SparseGPTConfig(nm="2:4", bits=bits, **GRID), calib, engine)
-            prune_s = time.perf_counter() - start
-            if bits is None:
-                record("sparsegpt 2:4 fp32", ppl=ppl(m), bytes=None, prune_seconds=prune_s)
-                record("sparsegpt 2:4 16-bit", ppl=ppl(bf16_rounded(m)), bytes=bf16_bytes(m, tokenizer, work / "s16"))
-            else:
-                quant_row(f"sparsegpt 2:4 joint {bits}-bit g128", m, bits, prune_s)
-    shutil.rmtree(work, ignore_errors=True)
-    if args.md:
-        Path(args.md).write_text(markdown(results))
+        prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
+        prune_s = time.perf_counter() - start
+        zeros = sum((p == 0).sum().item() for n, p in m.named_parameters() if "layers" in n and p.dim() == 2)
+        quant_row(f"wanda 50% + GPTQ {bits}-bit g128", m, bits, prune_s, {"zeros_in_blocks": zeros})
+    for bits in (None, 8, 4):
+        m = fresh()
+        start = time.perf_counter()
+        prune(m, SparseGPTConfig(nm="2:4", bits=bits, **GRID), calib, engine)
+        prune_s = time.perf_counter() - start
+        if bits is None:
+            record("sparsegpt 2:4 fp32", ppl=ppl(m), bytes=None, prune_seconds=prune_s)
+            record("sparsegpt 2:4 16-bit", ppl=ppl(bf16_rounded(m)), bytes=bf16_bytes(m, tokenizer, work / "s16"))
+        else:
+            quant_row(f"sparsegpt 2:4 joint {bits}-bit g128", m, bits, prune_s)
 
 
 @torch.no_grad()
