@@ -7,7 +7,9 @@ WikiText-2 raw test, seqlen 512, first ``--max-windows`` windows. Grids: symmetr
 bfloat16 safetensors folder. 8 and 4 bits: saved as compressed-tensors; bytes are the weight files' sizes
 (embeddings and the tied head stay in the model's float32).
 
-    python benchmarks/gptq.py --json benchmarks/results/gptq-64.json --md benchmarks/results/gptq.md
+    python benchmarks/gptq.py --part quant --json benchmarks/results/gptq-quant-64.json
+    python benchmarks/gptq.py --part dense --group-size 64 --json benchmarks/results/gptq-dense-64.json
+    (and --part wanda, --part sparsegpt likewise: one process each, so they can run side by side)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from prunekit.methods.gptq import QuantGrid, clear_grids, rtn_model
 from prunekit.sequential import EngineConfig
 
 GRID = dict(group_size=128, sym=True)
+PARTS = ("quant", "dense", "wanda", "sparsegpt")
 
 
 @torch.no_grad()
@@ -62,15 +65,15 @@ def main():
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--json", default="benchmarks/results/gptq-64.json")
     parser.add_argument("--md", default=None)
-    parser.add_argument(
-        "--part",
-        choices=("all", "quant", "table"),
-        default="all",
-        help="quant: dense/RTN/GPTQ rows; table: pruned rows",
-    )
+    parser.add_argument("--part", choices=PARTS, default="quant")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    GRID["group_size"] = args.group_size
     work = Path(tempfile.mkdtemp(prefix="gptq-bench-"))
 
     model, tokenizer = load(args.model)
@@ -103,51 +106,63 @@ def main():
         record(name, ppl=ppl(m), bytes=folder_bytes(folder), prune_seconds=prune_s, **(extra or {}))
         return folder
 
-    if args.part != "table":
+    if args.part == "quant":
         quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
-    if args.part != "quant":
-        table_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work)
+    elif args.part == "dense":
+        dense_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
+    else:
+        table_rows(args.part, calib, engine, ppl, record, fresh, quant_row, tokenizer, work)
     shutil.rmtree(work, ignore_errors=True)
     if args.md:
         Path(args.md).write_text(markdown(results))
 
 
 def quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work):
-    """Dense, round-to-nearest and GPTQ at 8 and 4 bits, GPTQ's time against one forward pass either side."""
-    record("dense fp32", ppl=ppl(model), bytes=None)
-    record("dense 16-bit", ppl=ppl(bf16_rounded(model)), bytes=bf16_bytes(model, tokenizer, work / "dense16"))
-    for bits in (8, 4):
-        m = fresh()
-        rtn_model(m, QuantGrid(bits, **GRID))
-        quant_row(f"dense RTN {bits}-bit g128", m, bits)
-
+    """Round-to-nearest 4-bit and GPTQ 4- and 8-bit at ``--group-size`` (perplexity only: SmolLM2's 576-wide
+    layers are 4.5 groups of 128, which compressed-tensors cannot store); GPTQ 4-bit's time against one
+    plain forward pass over the calibration set, timed right before and right after it."""
+    m = fresh()
+    rtn_model(m, QuantGrid(4, **GRID))
+    record(f"dense RTN 4-bit g{GRID['group_size']}", ppl=ppl(m))
     for bits in (4, 8):
         m = fresh()
-        before = plain_forward_seconds(m, calib.tokens)
+        before = plain_forward_seconds(m, calib.tokens) if bits == 4 else None
         start = time.perf_counter()
         prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
         prune_s = time.perf_counter() - start
-        after = plain_forward_seconds(m, calib.tokens)
-        extra = {
-            "forward_seconds_before": before,
-            "forward_seconds_after": after,
-            "prune_over_forward": prune_s / ((before + after) / 2),
-        }
-        folder = quant_row(f"dense GPTQ {bits}-bit g128", m, bits, prune_s, extra)
+        extra = {}
+        if bits == 4:
+            after = plain_forward_seconds(fresh(), calib.tokens)
+            extra = {"forward_seconds_before": before, "forward_seconds_after": after}
+            extra["prune_over_forward"] = prune_s / ((before + after) / 2)
+        record(f"dense GPTQ {bits}-bit g{GRID['group_size']}", ppl=ppl(m), prune_seconds=prune_s, **extra)
+
+
+def dense_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work):
+    """The dense model at 16 bits and GPTQ 8 and 4 bits, saved (compressed-tensors) and reloaded by transformers."""
+    record("dense 16-bit", ppl=ppl(bf16_rounded(model)), bytes=bf16_bytes(model, tokenizer, work / "dense16"))
+    for bits in (8, 4):
+        m = fresh()
+        start = time.perf_counter()
+        prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
+        folder = quant_row(f"dense GPTQ {bits}-bit g{GRID['group_size']}", m, bits, time.perf_counter() - start)
         if bits == 4:
             results["transformers_load"] = transformers_check(m, folder, text, tokenizer)
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
 
 
-def table_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work):
+def table_rows(part, calib, engine, ppl, record, fresh, quant_row, tokenizer, work):
     """Wanda 50% then GPTQ (zeros kept); SparseGPT 2:4 jointly quantized in its own sweep; 16, 8, 4 bits."""
+    g = GRID["group_size"]
+    if part == "sparsegpt":
+        return sparsegpt_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work)
     wanda = fresh()
     start = time.perf_counter()
     prune(wanda, WandaConfig(0.5), calib, engine)
     wanda_s = time.perf_counter() - start
     zeros = sum((p == 0).sum().item() for n, p in wanda.named_parameters() if "layers" in n and p.dim() == 2)
-    record("wanda 50% fp32", ppl=ppl(wanda), bytes=None, prune_seconds=wanda_s, zeros_in_blocks=zeros)
-    record("wanda 50% 16-bit", ppl=ppl(bf16_rounded(wanda)), bytes=bf16_bytes(wanda, tokenizer, work / "w16"))
+    row = {"prune_seconds": wanda_s, "zeros_in_blocks": zeros}
+    record("wanda 50% 16-bit", ppl=ppl(bf16_rounded(wanda)), bytes=bf16_bytes(wanda, tokenizer, work / "w16"), **row)
     for bits in (8, 4):
         m = copy.deepcopy(wanda)
         clear_grids(m)
@@ -155,17 +170,21 @@ def table_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work):
         prune(m, GPTQConfig(bits=bits, **GRID), calib, engine)
         prune_s = time.perf_counter() - start
         zeros = sum((p == 0).sum().item() for n, p in m.named_parameters() if "layers" in n and p.dim() == 2)
-        quant_row(f"wanda 50% + GPTQ {bits}-bit g128", m, bits, prune_s, {"zeros_in_blocks": zeros})
+        quant_row(f"wanda 50% + GPTQ {bits}-bit g{g}", m, bits, prune_s, {"zeros_in_blocks": zeros})
+
+
+def sparsegpt_rows(calib, engine, ppl, record, fresh, quant_row, tokenizer, work):
+    g = GRID["group_size"]
     for bits in (None, 8, 4):
         m = fresh()
         start = time.perf_counter()
         prune(m, SparseGPTConfig(nm="2:4", bits=bits, **GRID), calib, engine)
         prune_s = time.perf_counter() - start
         if bits is None:
-            record("sparsegpt 2:4 fp32", ppl=ppl(m), bytes=None, prune_seconds=prune_s)
-            record("sparsegpt 2:4 16-bit", ppl=ppl(bf16_rounded(m)), bytes=bf16_bytes(m, tokenizer, work / "s16"))
+            b16 = bf16_bytes(m, tokenizer, work / "s16")
+            record("sparsegpt 2:4 16-bit", ppl=ppl(bf16_rounded(m)), bytes=b16, prune_seconds=prune_s)
         else:
-            quant_row(f"sparsegpt 2:4 joint {bits}-bit g128", m, bits, prune_s)
+            quant_row(f"sparsegpt 2:4 joint {bits}-bit g{g}", m, bits, prune_s)
 
 
 @torch.no_grad()

@@ -44,9 +44,9 @@ def quiet():
     return EngineConfig(progress=False)
 
 
-def on_grid(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> bool:
-    W = weight.float()
-    return torch.equal(dequantize(quant_codes(W, scale.float(), zero.float(), bits), scale.float(), zero.float()), W)
+def on_grid(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size=None) -> bool:
+    W, s, z = weight.float(), scale.float(), zero.float()
+    return torch.equal(dequantize(quant_codes(W, s, z, bits, group_size), s, z, group_size), W)
 
 
 # --- the grid, by hand --------------------------------------------------------------------------------
@@ -99,7 +99,6 @@ def test_zero_is_on_every_grid_and_an_all_zero_group_stays_finite():
         (lambda: GPTQConfig(percdamp=0), "--percdamp"),
         (lambda: GPTQConfig(order="random"), "--order"),
         (lambda: SparseGPTConfig(bits=1), "--bits"),
-        (lambda: quant_grid(torch.ones(2, 6), 4, 4), "--group-size 4 does not divide"),
     ],
 )
 def test_bad_settings_are_one_line_errors(make, match):
@@ -108,13 +107,25 @@ def test_bad_settings_are_one_line_errors(make, match):
     assert "\n" not in str(info.value)
 
 
-def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_work():
+def test_a_short_last_group_gets_its_own_scale():
+    # 6 columns in groups of 4: columns 4-5 form a group of two (GPTQ's reference grouping, column // 4)
+    w = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.75, -0.3]])
+    scale, zero = quant_grid(w, bits=4, group_size=4, sym=True)
+    assert torch.allclose(scale, torch.tensor([[6.0, 1.5]]) / 15)
+    on = dequantize(torch.tensor([[3.0, -8.0, 7.0, -1.0, 5.0, -6.0]]), scale, zero, group_size=4)
+    assert torch.equal(quantize_dequantize(on, scale, zero, 4, group_size=4), on)
+
+
+def test_compressed_tensors_refuses_a_group_size_that_does_not_divide_a_layer(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from prunekit.export.compressed import save_compressed
+
     model = tiny_model("llama")  # widths 64 and 128
-    before = linear_weight(get_adapter(model).block(0).attention.q).clone()
-    with pytest.raises(PrunekitError, match="--group-size 48 does not divide the 64 input columns of block 0") as info:
-        prune(model, GPTQConfig(group_size=48), calib(), quiet())
-    assert "\n" not in str(info.value)
-    assert torch.equal(linear_weight(get_adapter(model).block(0).attention.q), before)
+    config = GPTQConfig(group_size=48)
+    prune(model, config, calib(), quiet())  # GPTQ itself takes a short last group
+    with pytest.raises(PrunekitError, match="--group-size to divide every layer's width") as info:
+        save_compressed(model, None, tmp_path / "q", config.grid)
+    assert "\n" not in str(info.value) and "--group-size 64" in str(info.value)
 
 
 # --- GPTQ against round-to-nearest ---------------------------------------------------------------------
@@ -127,14 +138,17 @@ def _correlated_inputs(tokens=256, features=64, seed=0):
     )
 
 
-@pytest.mark.parametrize("grid, act_order", [(QuantGrid(4, 16, True), False), (QuantGrid(3, -1, False), True)])
+@pytest.mark.parametrize(
+    "grid, act_order",
+    [(QuantGrid(4, 16, True), False), (QuantGrid(3, -1, False), True), (QuantGrid(4, 24, True), False)],
+)
 def test_gptq_reconstructs_a_layer_better_than_rounding(grid, act_order):
     x = _correlated_inputs()
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     h = Hessian(64, "cpu")
     h.update(x)
     q, scale, zero = gptq_quantize(w, h.matrix, grid, blocksize=16, act_order=act_order)
-    assert on_grid(q, scale, zero, grid.bits)
+    assert on_grid(q, scale, zero, grid.bits, grid.group_size)
     rounded = rtn(w, grid)[0]
     gptq_err, rtn_err = (x @ (w - q).t()).norm(), (x @ (w - rounded).t()).norm()
     assert gptq_err < 0.7 * rtn_err

@@ -98,6 +98,13 @@ def _checked_module_state(name: str, linear: nn.Module, grid: QuantGrid) -> dict
     if not isinstance(linear, nn.Linear):
         raise PrunekitError(f"{name} is a {type(linear).__name__}; compressed-tensors stores nn.Linear layers only")
     weight = linear.weight.detach()
+    columns = weight.shape[1]
+    if grid.group_size != -1 and columns % grid.group_size:
+        divisor = columns & -columns  # the largest power of two that divides the width
+        raise PrunekitError(
+            f"compressed-tensors needs --group-size to divide every layer's width, and {name} has {columns} input "
+            f"columns (not a multiple of {grid.group_size}); quantize with --group-size {min(divisor, 128)} or -1"
+        )
     scale, zero = grid_of(linear)
     expected = (weight.shape[0], grid.groups(weight.shape[1]))
     if tuple(scale.shape) != expected:
@@ -106,8 +113,8 @@ def _checked_module_state(name: str, linear: nn.Module, grid: QuantGrid) -> dict
             f"--group-size {grid.group_size}; save with the settings it was quantized with"
         )
     W = weight.float()
-    codes = quant_codes(W, scale.float(), zero.float(), grid.bits)
-    if not torch.equal(dequantize(codes, scale.float(), zero.float()).to(weight.dtype), weight):
+    codes = quant_codes(W, scale.float(), zero.float(), grid.bits, grid.group_size)
+    if not torch.equal(dequantize(codes, scale.float(), zero.float(), grid.group_size).to(weight.dtype), weight):
         raise PrunekitError(
             f"{name}'s weights are off the grid GPTQ recorded (changed after quantization, e.g. by recovery); "
             "quantize again after the last change"

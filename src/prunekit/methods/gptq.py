@@ -61,25 +61,26 @@ class QuantGrid:
         return 2 ** (self.bits - 1) - 1
 
     def groups(self, columns: int) -> int:
-        return 1 if self.group_size == -1 else columns // self.group_size
+        """Groups per row: column j is in group j // group_size; the last one is shorter when the size does
+        not divide the width (SmolLM2's 576 columns are 4.5 groups of 128), as GPTQ's reference code does."""
+        return 1 if self.group_size == -1 else -(-columns // self.group_size)
 
 
 def check_grid(bits: int | None, group_size: int) -> None:
     if bits is not None and bits not in BITS:
         raise PrunekitError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if group_size != -1 and group_size < 1:
-        raise PrunekitError(
-            f"--group-size must be -1 (one scale per row) or a positive divisor of the width, got {group_size}"
-        )
+        raise PrunekitError(f"--group-size must be -1 (one scale per row) or a positive number, got {group_size}")
 
 
 def quant_grid(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point ([out, groups], zero as integers in W's dtype) of the grid for each row and group."""
     grid = QuantGrid(bits, group_size, sym)
     rows, columns = W.shape
-    if group_size != -1 and columns % group_size:
-        raise PrunekitError(f"--group-size {group_size} does not divide the {columns} input columns of a layer")
-    G = W.reshape(rows, grid.groups(columns), -1)
+    groups = grid.groups(columns)
+    # zero padding of a short last group changes nothing: zero is always inside [lo, hi]
+    width = columns if group_size == -1 else group_size
+    G = torch.nn.functional.pad(W, (0, groups * width - columns)).reshape(rows, groups, width)
     lo, hi = G.amin(-1).clamp(max=0), G.amax(-1).clamp(min=0)  # zero must be on the grid
     levels = 2**bits - 1
     if sym:
@@ -92,26 +93,36 @@ def quant_grid(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = Tru
     return scale, zero
 
 
-def quant_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """The integer codes (as W's dtype) of W on the grid; ``scale``/``zero`` are [out, groups] (groups divide W)."""
+def quant_codes(
+    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """The integer codes (as W's dtype) of W on the grid; ``scale``/``zero`` are [out, groups].
+
+    ``group_size`` is needed only when the last group is short (else it follows from the shapes)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    s, z = _per_column(scale, W.shape[1]), _per_column(zero, W.shape[1])
+    s, z = _per_column(scale, W.shape[1], group_size), _per_column(zero, W.shape[1], group_size)
     return (W / s).round().add(z).clamp(qmin, qmax)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """s * (c - z): the one formula every reader of the format uses (so the floats match bit for bit)."""
-    return (codes - _per_column(zero, codes.shape[1])) * _per_column(scale, codes.shape[1])
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None = None
+) -> torch.Tensor:
+    """(c - z) * s: the formula compressed-tensors uses too, so the floats match bit for bit."""
+    columns = codes.shape[1]
+    return (codes - _per_column(zero, columns, group_size)) * _per_column(scale, columns, group_size)
 
 
-def quantize_dequantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_dequantize(
+    W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None = None
+) -> torch.Tensor:
     """W rounded to its nearest grid point (round-to-nearest, no error compensation)."""
-    return dequantize(quant_codes(W, scale, zero, bits), scale, zero)
+    return dequantize(quant_codes(W, scale, zero, bits, group_size), scale, zero, group_size)
 
 
-def _per_column(values: torch.Tensor, columns: int) -> torch.Tensor:
-    """[out, groups] -> [out, columns], each group's value repeated over its columns."""
-    return values.repeat_interleave(columns // values.shape[1], dim=1)
+def _per_column(values: torch.Tensor, columns: int, group_size: int | None) -> torch.Tensor:
+    """[out, groups] -> [out, columns], each group's value repeated over its columns (the last may be short)."""
+    size = group_size if group_size not in (None, -1) else -(-columns // values.shape[1])
+    return values.repeat_interleave(size, dim=1)[:, :columns]
 
 
 def rtn(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,14 +130,14 @@ def rtn(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tens
     W = weight.detach().float()
     scale, zero = quant_grid(W, grid.bits, grid.group_size, grid.sym)
     scale = scale.to(weight.dtype).float()
-    return quantize_dequantize(W, scale, zero, grid.bits).to(weight.dtype), scale.to(weight.dtype), zero
+    W = quantize_dequantize(W, scale, zero, grid.bits, grid.group_size)
+    return W.to(weight.dtype), scale.to(weight.dtype), zero
 
 
 @torch.no_grad()
 def rtn_model(model, grid: QuantGrid, include=(), exclude=()) -> None:
     """Round every selected decoder linear to ``grid`` without error compensation (the baseline GPTQ beats);
     the grids are recorded as GPTQ's are, so the result saves the same way."""
-    check_model_widths(grid, model, include, exclude)
     adapter = get_adapter(model)
     for i in range(adapter.num_blocks()):
         for linear in select_linears(adapter.block(i), include, exclude).values():
@@ -204,7 +215,6 @@ def gptq_quantize(
 
     ``keep_zeros``: weights that are exactly zero stay zero (a pruned model keeps its sparsity; zero is on
     every grid), the others absorb their error as usual."""
-    check_divides(grid, weight.shape[1], "a layer")
     zeros = (weight == 0) if keep_zeros and bool((weight == 0).any()) else None
     W, H = without_dead_inputs(weight, hessian)
     perm = None
@@ -220,14 +230,6 @@ def gptq_quantize(
     if perm is not None:
         W = W[:, torch.argsort(perm)]
     return W.to(weight.dtype), rule.scale.to(weight.dtype), rule.zero
-
-
-def check_divides(grid: QuantGrid, columns: int, where: str) -> None:
-    if grid.group_size != -1 and columns % grid.group_size:
-        raise PrunekitError(
-            f"--group-size {grid.group_size} does not divide the {columns} input columns of {where}; "
-            "choose a divisor (or -1 for one scale per row)"
-        )
 
 
 # --- the grid recorded on the model ---------------------------------------------------------------------
@@ -281,14 +283,6 @@ def load_block_grids(folder: Path | None, index: int, linears: dict[str, nn.Modu
         record_grid(linear, tensors[f"{name}.{SCALE}"].to(device), tensors[f"{name}.{ZERO}"].to(device))
 
 
-def check_model_widths(grid: QuantGrid, model, include=(), exclude=()) -> None:
-    """Refuse a group size that does not divide some selected linear, before any work is done."""
-    adapter = get_adapter(model)
-    for i in range(adapter.num_blocks()):
-        for name, linear in select_linears(adapter.block(i), include, exclude).items():
-            check_divides(grid, linear_weight(linear).shape[1], f"block {i}'s {name}")
-
-
 # --- GPTQ as a method -----------------------------------------------------------------------------------
 
 
@@ -329,7 +323,6 @@ class GPTQConfig:
 
 
 def gptq_prepare(config: GPTQConfig, model, calibration, engine) -> GPTQConfig:
-    check_model_widths(config.grid, model, config.include, config.exclude)
     return replace(config, grid_dir=engine.checkpoint_dir)
 
 

@@ -23,7 +23,6 @@ from prunekit.methods.gptq import (
     QuantGrid,
     QuantRule,
     check_grid,
-    check_model_widths,
     load_block_grids,
     record_grid,
     save_block_grids,
@@ -115,7 +114,6 @@ def sparsegpt_prune(
 
 def sparsegpt_prepare(config: SparseGPTConfig, model, calibration, engine) -> SparseGPTConfig:
     if config.grid is not None:
-        check_model_widths(config.grid, model, config.include, config.exclude)
         config = replace(config, grid_dir=engine.checkpoint_dir)
     return owl_prepare(config, model, calibration, engine)
 
