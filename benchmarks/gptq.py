@@ -34,7 +34,7 @@ from prunekit.methods.gptq import QuantGrid, clear_grids, rtn_model
 from prunekit.sequential import EngineConfig
 
 GRID = dict(group_size=128, sym=True)
-PARTS = ("quant", "dense", "wanda", "sparsegpt")
+PARTS = ("quant", "rtn", "dense", "wanda", "sparsegpt")
 
 
 @torch.no_grad()
@@ -106,7 +106,11 @@ def main():
         record(name, ppl=ppl(m), bytes=folder_bytes(folder), prune_seconds=prune_s, **(extra or {}))
         return folder
 
-    if args.part == "quant":
+    if args.part == "rtn":  # round-to-nearest 4-bit alone (its own process on a busy machine)
+        m = fresh()
+        rtn_model(m, QuantGrid(4, **GRID))
+        record(f"dense RTN 4-bit g{GRID['group_size']}", ppl=ppl(m))
+    elif args.part == "quant":
         quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
     elif args.part == "dense":
         dense_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
