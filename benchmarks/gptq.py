@@ -34,7 +34,7 @@ from prunekit.methods.gptq import QuantGrid, clear_grids, rtn_model
 from prunekit.sequential import EngineConfig
 
 GRID = dict(group_size=128, sym=True)
-PARTS = ("quant", "rtn", "dense", "wanda", "sparsegpt")
+PARTS = ("quant", "rtn", "gptq", "forward", "dense", "wanda", "sparsegpt")
 
 
 @torch.no_grad()
@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--part", choices=PARTS, default="quant")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--bits", type=int, default=4, help="--part gptq")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
@@ -110,6 +111,14 @@ def main():
         m = fresh()
         rtn_model(m, QuantGrid(4, **GRID))
         record(f"dense RTN 4-bit g{GRID['group_size']}", ppl=ppl(m))
+    elif args.part == "gptq":  # one GPTQ row, timed (run beside --part forward for the time ratio)
+        m = fresh()
+        start = time.perf_counter()
+        prune(m, GPTQConfig(bits=args.bits, **GRID), calib, engine)
+        prune_s = time.perf_counter() - start
+        record(f"dense GPTQ {args.bits}-bit g{GRID['group_size']}", ppl=ppl(m), prune_seconds=prune_s)
+    elif args.part == "forward":  # plain forward passes over the calibration set, timed
+        record("plain forward", seconds=[plain_forward_seconds(model, calib.tokens) for _ in range(2)])
     elif args.part == "quant":
         quant_rows(args, results, model, tokenizer, calib, text, engine, ppl, record, fresh, quant_row, work)
     elif args.part == "dense":
