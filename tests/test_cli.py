@@ -508,3 +508,27 @@ def test_a_recipe_file_sets_options_and_flags_win(tiny_folder, tmp_path):
     )
     assert "--config: unknown option 'sparsty'" in error_line(bad)
     assert "pass --method" in error_line(run("prune", "--model", str(tiny_folder), "--out", str(tmp_path / "d")))
+
+
+def test_gptq_from_the_command_line_saves_compressed_tensors_that_transformers_runs(tiny_folder, tmp_path):
+    """`--method gptq` options come from GPTQConfig; the folder is compressed-tensors, loaded by stock transformers."""
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prunekit import load
+
+    corpus = str(tiny_folder.parent / "corpus.txt")
+    common = ["prune", "--model", str(tiny_folder), "--method", "gptq", "--calib", corpus, "--nsamples", "4",
+              "--seqlen", "16", "--device", "cpu"]  # fmt: skip
+    assert "--group-size 16" in error_line(run(*common, "--group-size", "48", "--out", str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+    result = run(*common, "--bits", "4", "--group-size", "16", "--asym", "--out", str(tmp_path / "q"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "q" / "prunekit.json").read_text())
+    assert manifest["storage"]["format"].startswith("int-quantized") or "pack" in manifest["storage"]["format"]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    ours, _ = load(tmp_path / "q")
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-4)

@@ -14,6 +14,7 @@ from pathlib import Path
 from prunekit.data import Calibration, calibration
 from prunekit.errors import PrunekitError
 from prunekit.evaluate import perplexity
+from prunekit.export.compressed import check_compressible, save_compressed
 from prunekit.io.load import load, resolve_folder
 from prunekit.io.manifest import build_manifest, read_manifest
 from prunekit.io.save import save_pruned
@@ -184,6 +185,11 @@ def prune_job(
     out: Path | None = None, overwrite: bool = False, fmt: str = "dense", evaluation: Evaluation | None = None,
 ) -> dict:  # fmt: skip
     """Prune ``model`` in place; with ``out``, save it there. Returns the manifest (plus ``"out"``)."""
+    grid = config.quant_grid
+    if grid is not None:  # refuse what compressed-tensors cannot store before the work, not after it
+        check_compressible(model, grid, getattr(config, "include", ()), getattr(config, "exclude", ()))
+        if fmt != "dense":
+            raise PrunekitError("a quantized model is saved as compressed-tensors; drop --format")
     metrics: dict = {"params_before": parameter_counts(model)}
     if evaluation is not None:
         metrics["ppl_before"] = evaluation.measure(model, tokenizer)
@@ -206,7 +212,9 @@ def prune_job(
         method_config=result.config, calibration=result.calibration, metrics=metrics,
         extra={"sparse_weights": config.sparse_weights},
     )  # fmt: skip
-    if out is not None:
+    if out is not None and grid is not None:
+        save_compressed(model, tokenizer, out, grid, manifest, overwrite=overwrite)
+    elif out is not None:
         save_pruned(model, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt)
     return {"out": str(out) if out is not None else None, **manifest}
 

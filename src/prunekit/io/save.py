@@ -4,7 +4,7 @@ The folder is written beside the target under a temporary name and renamed into 
 complete, so an interrupted save never leaves a folder that looks valid. ``prunekit.json`` records
 how the model was made: prunekit version, method and config, the source model and its hash, the
 calibration data and seed, the measured metrics, and (for models the config cannot describe) the
-block shapes that ``prunekit.shapes`` rebuilds them from.
+block shapes that ``prunekit.io.shapes`` rebuilds them from.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -57,16 +58,36 @@ def save_pruned(
     ``extra_files`` (name -> content, e.g. a loss plot) are written into the folder with the rest.
     """
     check_format(fmt, lazy=is_lazy(model))
+
+    def write(folder: Path) -> dict:
+        if fmt == "compact":
+            return {"storage": _save_compact(model, folder)}
+        if is_lazy(model):
+            _save_streaming(model, folder)
+        else:
+            model.save_pretrained(folder)
+        return {}
+
+    return save_folder(model, tokenizer, out, manifest, write, overwrite, extra_files)
+
+
+def save_folder(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    manifest: dict,
+    write: Callable[[Path], dict],
+    overwrite: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """The one atomic save: ``write(folder)`` puts the weights and config in a temporary folder beside ``out``
+    (returning manifest entries, e.g. how they are stored); the tokenizer, the manifest with the model's
+    shape manifest and ``extra_files`` go in with them; the folder is renamed into place when complete."""
     out = check_output(out, overwrite)
     manifest = _with_shapes(manifest, model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        if fmt == "compact":
-            manifest = {**manifest, "storage": _save_compact(model, tmp)}
-        elif is_lazy(model):
-            _save_streaming(model, tmp)
-        else:
-            model.save_pretrained(tmp)
+        manifest = {**manifest, **write(tmp)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -44,6 +44,11 @@ class MethodConfig:
     def needs_calibration(self) -> bool:
         return True
 
+    @property
+    def quant_grid(self):
+        """The integer grid the weights end on (GPTQ, SparseGPT with --bits), saved as compressed-tensors; or None."""
+        return None
+
     def engine_for(self, engine: EngineConfig, calibration) -> EngineConfig:
         """The engine settings this configuration runs with (e.g. one batch of every sample per block)."""
         return engine

@@ -1,0 +1,1 @@
+"""Exports to formats other tools run: compressed-tensors (quantized weights for transformers and vLLM)."""
