@@ -207,13 +207,23 @@ def compare_gguf_speed(
 def _comparison(names, paths, prefill, decode, settings, max_spread) -> SpeedComparison:
     rounds, threads = settings["rounds"], settings["threads"]
     results = {
-        n: SpeedResult(1, settings["prompt_tokens"], settings["new_tokens"], 1000 * statistics.median(prefill[n]),
-                       statistics.median(decode[n]), rounds, threads, None)  # fmt: skip
+        n: SpeedResult(
+            batch_size=1,
+            prompt_tokens=settings["prompt_tokens"],
+            new_tokens=settings["new_tokens"],
+            prefill_ms=1000 * statistics.median(prefill[n]),
+            decode_tokens_per_s=statistics.median(decode[n]),
+            repeats=rounds,
+            threads=threads,
+            peak_memory_mb=None,
+        )
         for n in names
     }
     comparison = SpeedComparison(names[0], {**settings, "files": {n: str(p) for n, p in paths.items()}}, results)
     base = names[0]
     for n in names:
-        comparison.prefill_speedup[n] = Ratio.of([b / x for b, x in zip(prefill[base], prefill[n])], max_spread)
-        comparison.decode_speedup[n] = Ratio.of([x / b for b, x in zip(decode[base], decode[n])], max_spread)
+        faster = [b / x for b, x in zip(prefill[base], prefill[n], strict=True)]  # time ratio: base / this
+        comparison.prefill_speedup[n] = Ratio.of(faster, max_spread)
+        more = [x / b for b, x in zip(decode[base], decode[n], strict=True)]  # tokens/s ratio: this / base
+        comparison.decode_speedup[n] = Ratio.of(more, max_spread)
     return comparison

@@ -198,10 +198,12 @@ def plan_blocks(model) -> list[BlockPlan]:
             "does not apply; refusing to write a model that would compute differently"
         )
     _check_rope(config)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise PrunekitError(f"llama.cpp's llama MLP is SwiGLU (silu); this model uses {config.hidden_act!r}")
     adapter = get_adapter(model)
     head_dim = _head_dim(config)
     plans = []
-    for index, module in enumerate(adapter.blocks()):
+    for module in adapter.blocks():
         kept = kept_sublayers(module)
         heads = kv = ff = 0
         if kept["attention"]:
