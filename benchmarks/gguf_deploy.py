@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -96,6 +97,11 @@ def measure_speed(args, results: dict, quant: str) -> None:
     if quant in results["speed"]:
         return
     paths = {p: gguf_path(args, p, quant) for p in args.points}
+    if args.control:  # an identical copy of the dense file: the method must read it as 1.00x
+        copy = gguf_path(args, "dense-copy", quant)
+        if not copy.exists():
+            shutil.copyfile(paths["dense"], copy)
+        paths = {"dense": paths["dense"], "dense-copy": copy, **paths}
     comparison = compare_gguf_speed(paths, new_tokens=args.new_tokens, rounds=args.rounds, threads=args.threads)
     results["speed"][quant] = comparison.to_dict()
     save(args, results)
@@ -132,6 +138,16 @@ def markdown(results: dict) -> str:
                 f"{params / 1e6:.1f}M ({params / dense_params:.0%}) | {cell['llamacpp_ppl']:.3f} | "
                 f"{row['torch_ppl']:.3f} | {ratio(pre) if pre else '–'} | {ratio(dec) if dec else '–'} |"
             )
+    for quant, speed in results["speed"].items():
+        dense = speed["models"]["dense"]
+        line = (
+            f"\n{quant} dense GGUF: prefill {dense['prefill_ms']:.0f} ms, decode {dense['decode_tokens_per_s']:.1f} "
+            f"tokens/s (medians of {speed['settings']['rounds']} rounds)"
+        )
+        if "dense-copy" in speed["prefill_speedup"]:
+            control = speed["prefill_speedup"]["dense-copy"], speed["decode_speedup"]["dense-copy"]
+            line += f"; an identical copy of it reads prefill {ratio(control[0])}, decode {ratio(control[1])}"
+        lines.append(line + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +162,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--control", action="store_true", help="also time an identical copy of the dense file")
     parser.add_argument("--stage", choices=("prune", "ppl", "speed", "report", "all"), default="all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -157,6 +174,7 @@ def main():
         "new_tokens": args.new_tokens, "prompt_tokens": 512, "threads": args.threads,
     }  # fmt: skip
     Path(args.work, "gguf").mkdir(parents=True, exist_ok=True)
+    Path(args.work, "models").mkdir(parents=True, exist_ok=True)
     if args.stage in ("prune", "all"):
         for point in args.points:
             make_model(args, point)

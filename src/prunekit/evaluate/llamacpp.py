@@ -155,7 +155,7 @@ def time_gguf(llm, ids: list[int], new_tokens: int, pause: float = PAUSE_S) -> t
 
 
 def compare_gguf_speed(
-    paths: dict[str, str | os.PathLike],
+    paths: dict[str, str | os.PathLike] | list[str | os.PathLike],
     prompt_tokens: int = 512,
     new_tokens: int = 128,
     rounds: int = 10,
@@ -168,20 +168,24 @@ def compare_gguf_speed(
     """``prunekit bench --engine llama.cpp BASELINE.gguf OTHER.gguf ...``: speed-ups over the first file.
 
     Args:
-        paths: name -> GGUF file; the first is the baseline (the dense GGUF of the same quantization).
+        paths: the GGUF files (positional ``FILE.gguf ...``; a list is named by file name, a dict name -> file);
+            the first is the baseline (the dense GGUF of the same quantization).
         prompt_tokens: ``--prompt-tokens``, the prefill (1 x 512 by default).
         new_tokens: ``--new-tokens``, greedy decode steps after the prefill (128 by default).
         rounds: ``--repeats``, measured rounds after ``warmup`` discarded ones; ABBA order.
         threads: ``--threads`` (default: all cores), the same for every model.
         pause: seconds slept before each timed phase.
     """
-    if not paths:
-        raise PrunekitError("a speed comparison needs at least one GGUF file")
+    if not paths or len(set(map(str, paths))) < len(paths):
+        raise PrunekitError("a speed comparison needs one or more different GGUF files")
     if min(prompt_tokens, new_tokens, rounds) < 1 or warmup < 0:
         raise PrunekitError(
             f"speed needs at least one prompt token, new token and repeat, got prompt {prompt_tokens}, "
             f"new tokens {new_tokens}, repeats {rounds}"
         )
+    if not isinstance(paths, dict):
+        named = {Path(p).name: p for p in paths}
+        paths = named if len(named) == len(paths) else {str(p): p for p in paths}
     threads = threads or os.cpu_count() or 1
     names = list(paths)
     llms = {n: open_gguf(p, prompt_tokens + new_tokens, threads=threads, f32_cache=False) for n, p in paths.items()}
