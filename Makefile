@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # llama.cpp for GGUF files (optional): only the library, no tests, tools, server or multimodal (mtmd)
-# library; pip caches the built wheel, so only the first build compiles (about 30 min on 2 busy cores).
+# library; pip caches the built wheel, so only the first build compiles (34 min on this 2-core machine
+# while other jobs kept it busy). GGML_NATIVE=OFF (portable AVX2): a native build on this machine's CPU
+# compiles AMX kernels whose tile instructions fault in its VM ("Illegal instruction" on Q8_0/Q4_0).
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON
 

@@ -45,6 +45,22 @@ POINTS = {
 QUANTS = ("f32", "q8_0", "q4_0")
 
 
+def without_extra_buffer_types() -> None:
+    """Make every ``llama_cpp.Llama`` load with ``use_extra_bufts=False``: no runtime weight repacking and no
+    AMX buffers. A ``GGML_NATIVE=ON`` build on this machine's CPU compiles AMX kernels whose tile instructions
+    fault in its VM (Illegal instruction on the first Q8_0/Q4_0 matmul); this runs such a build safely."""
+    import llama_cpp.llama_cpp as raw
+
+    default = raw.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    raw.llama_model_default_params = params
+
+
 def model_folder(args, point: str) -> Path | str:
     return MODEL if point == "dense" else Path(args.work) / "models" / point
 
@@ -83,7 +99,7 @@ def measure_model(args, point: str, results: dict, text) -> None:
         cell["file_mib"] = path.stat().st_size / 2**20
         if "llamacpp_ppl" not in cell:
             result = gguf_perplexity(path, tokenizer, text, seqlen=512, max_windows=args.max_windows,
-                                     threads=args.threads)  # fmt: skip
+                                     threads=args.ppl_threads)  # fmt: skip
             cell["llamacpp_ppl"] = result.ppl
             cell["ppl_seconds"] = result.seconds
         save(args, results)
@@ -161,17 +177,23 @@ def main():
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the speed comparison")
+    parser.add_argument("--ppl-threads", type=int, default=1, help="llama.cpp threads for perplexity (one: on a "
+                        "machine shared with other jobs, two OpenMP threads wait on each other)")  # fmt: skip
     parser.add_argument("--control", action="store_true", help="also time an identical copy of the dense file")
+    parser.add_argument("--no-extra-bufts", action="store_true", help="load without repacking / AMX buffers")
     parser.add_argument("--stage", choices=("prune", "ppl", "speed", "report", "all"), default="all")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.no_extra_bufts:
+        without_extra_buffer_types()
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {"points": {}, "speed": {}}
     results["settings"] = {
         "model": MODEL, "data": "wikitext2 (hub rows), seqlen 512", "max_windows": args.max_windows,
         "calibration": "c4, seed 0 (width 64 x 512, depth 10 x 128)", "rounds": args.rounds,
         "new_tokens": args.new_tokens, "prompt_tokens": 512, "threads": args.threads,
+        "llama_cpp_extra_buffer_types": not args.no_extra_bufts,
     }  # fmt: skip
     Path(args.work, "gguf").mkdir(parents=True, exist_ok=True)
     Path(args.work, "models").mkdir(parents=True, exist_ok=True)
