@@ -73,6 +73,8 @@ def make_model(args, point: str) -> None:
     model, tokenizer = load(MODEL)
     config = POINTS[point]
     n, seqlen = calibration_defaults(config)
+    if isinstance(config, WidthConfig) and args.width_samples:
+        n = args.width_samples
     calib = calibration(tokenizer, "c4", n_samples=n, seqlen=seqlen, seed=0)
     start = time.perf_counter()
     batch = n if isinstance(config, DepthConfig) else 8
@@ -175,6 +177,7 @@ def main():
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     parser.add_argument("--quants", nargs="+", default=list(QUANTS), choices=list(QUANTS))
     parser.add_argument("--max-windows", type=int, default=64)
+    parser.add_argument("--width-samples", type=int, default=None, help="width calibration samples (default 64)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads for the speed comparison")
@@ -191,7 +194,7 @@ def main():
     results = json.loads(path.read_text()) if path.exists() else {"points": {}, "speed": {}}
     results["settings"] = {
         "model": MODEL, "data": "wikitext2 (hub rows), seqlen 512", "max_windows": args.max_windows,
-        "calibration": "c4, seed 0 (width 64 x 512, depth 10 x 128)", "rounds": args.rounds,
+        "calibration": f"c4, seed 0 (width {args.width_samples or 64} x 512, depth 10 x 128)", "rounds": args.rounds,
         "new_tokens": args.new_tokens, "prompt_tokens": 512, "threads": args.threads,
         "llama_cpp_extra_buffer_types": not args.no_extra_bufts,
     }  # fmt: skip
