@@ -99,12 +99,19 @@ def measure_model(args, point: str, results: dict, text) -> None:
             report = export_gguf(model, tokenizer, path, quant, source=str(model_folder(args, point)))
             cell.update(arch=report.arch, notes=report.notes, tokenizer=report.tokenizer)
         cell["file_mib"] = path.stat().st_size / 2**20
+        cell.setdefault("arch", gguf_arch(path))
         if "llamacpp_ppl" not in cell:
             result = gguf_perplexity(path, tokenizer, text, seqlen=512, max_windows=args.max_windows,
                                      threads=args.ppl_threads)  # fmt: skip
             cell["llamacpp_ppl"] = result.ppl
             cell["ppl_seconds"] = result.seconds
         save(args, results)
+
+
+def gguf_arch(path: Path) -> str:
+    import gguf
+
+    return gguf.GGUFReader(path).fields["general.architecture"].contents()
 
 
 def gguf_path(args, point: str, quant: str) -> Path:
