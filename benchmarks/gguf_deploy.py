@@ -8,8 +8,9 @@ interleaved in one process (ABBA order, a pause before each timed call, --rounds
 warm-up; median of per-round ratios [interquartile range], a flag where the spread exceeds 10%).
 
 Pruning: activation-norm width (MLP neurons only, --round-to 32 so that every row splits into Q8_0 /
-Q4_0 blocks of 32), calibrated on C4 (64 x 512, seed 0); depth and sub-layer removal by block influence
-on C4 (10 x 128, seed 0). Pruned models are saved under --work and reused by later runs; every
+Q4_0 blocks of 32), calibrated on C4 (64 x 512, seed 0; --width-samples to change); depth (whole blocks) and
+sub-layer removal (MLP sub-layers: at 20% ``--unit sublayer`` would take 24 of 30 attentions) by block
+influence on C4 (10 x 128, seed 0). Pruned models are saved under --work and reused by later runs; every
 measurement is written to --json as soon as it exists, and a later run skips what is there.
 
     python benchmarks/gguf_deploy.py --json benchmarks/results/gguf-deploy.json \
@@ -40,7 +41,8 @@ POINTS = {
     "width-uniform": WidthConfig(target_params=0.2, round_to=32),
     "width-global": WidthConfig(target_params=0.2, allocation="global", round_to=32),
     "depth": DepthConfig(criterion="block-influence", target_params=0.2),
-    "sublayer": DepthConfig(criterion="block-influence", target_params=0.2, unit="sublayer"),
+    # --unit sublayer at 20% would remove 24 of 30 attention sub-layers (refused without --force): MLPs only
+    "sublayer": DepthConfig(criterion="block-influence", target_params=0.2, unit="mlp"),
 }
 QUANTS = ("f32", "q8_0", "q4_0")
 
