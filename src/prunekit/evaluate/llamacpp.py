@@ -173,7 +173,9 @@ def compare_gguf_speed(
         prompt_tokens: ``--prompt-tokens``, the prefill (1 x 512 by default).
         new_tokens: ``--new-tokens``, greedy decode steps after the prefill (128 by default).
         rounds: ``--repeats``, measured rounds after ``warmup`` discarded ones; ABBA order.
-        threads: ``--threads`` (default: all cores), the same for every model.
+        threads: ``--threads`` (default: all cores), the same for every model. On a CPU oversubscribed by
+            other jobs, llama.cpp's OpenMP threads wait on each other at every barrier and a 2-thread run
+            crawls (measured: over 6 minutes for one round of four Q4_0 models); one thread stays readable.
         pause: seconds slept before each timed phase.
     """
     if not paths or len(set(map(str, paths))) < len(paths):
