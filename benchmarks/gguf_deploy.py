@@ -153,16 +153,17 @@ def markdown(results: dict) -> str:
     ]
     for point, row in results["points"].items():
         for quant in QUANTS:
-            cell = row.get(quant)
-            if not cell or "llamacpp_ppl" not in cell:
-                continue
+            cell = row.get(quant) or {}
             speed = results["speed"].get(quant, {})
+            if "llamacpp_ppl" not in cell and point not in speed.get("models", {}):
+                continue
             pre = speed.get("prefill_speedup", {}).get(point)
             dec = speed.get("decode_speedup", {}).get(point)
             params = row["non_embedding_params"]
+            gguf_ppl = f"{cell['llamacpp_ppl']:.3f}" if cell.get("llamacpp_ppl") else "not measured"
             lines.append(
-                f"| {point} | {quant} | {cell.get('arch', '')} | {cell['file_mib']:.1f} | "
-                f"{params / 1e6:.1f}M ({params / dense_params:.0%}) | {cell['llamacpp_ppl']:.3f} | "
+                f"| {point} | {quant} | {cell.get('arch', '')} | {cell.get('file_mib', 0):.1f} | "
+                f"{params / 1e6:.1f}M ({params / dense_params:.0%}) | {gguf_ppl} | "
                 f"{row['torch_ppl']:.3f} | {ratio(pre) if pre else '–'} | {ratio(dec) if dec else '–'} |"
             )
     for quant, speed in results["speed"].items():
