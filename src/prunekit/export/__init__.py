@@ -1,1 +1,2 @@
-"""Exports to formats other tools run: compressed-tensors (quantized weights for transformers and vLLM)."""
+"""Exports to the formats inference engines run: llama.cpp's GGUF (``gguf``) and compressed-tensors
+(``compressed``: quantized weights for transformers and vLLM)."""

@@ -60,7 +60,7 @@ def load(
     larger than memory can be pruned.
 
     A prunekit output whose ``prunekit.json`` has ``"shapes"`` (blocks of different widths, heads
-    the config cannot express, added biases) is rebuilt from that manifest (``prunekit.shapes``),
+    the config cannot express, added biases) is rebuilt from that manifest (``prunekit.io.shapes``),
     in every mode: eager, lazy and compact.
     """
     torch_dtype = resolve_dtype(dtype)

@@ -8,7 +8,7 @@ on Qwen2 or Mistral). Models pruned past what the config says are saved with the
     {"blocks": [{"intermediate_size": 80, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}, ...],
      "extra_parameters": {"model.layers.0.self_attn.o_proj.bias": [64]}}
 
-A model whose residual stream was rotated and sliced (SliceGPT, ``prunekit.invariance``) adds
+A model whose residual stream was rotated and sliced (SliceGPT, ``prunekit.surgery.hidden``) adds
 ``"hidden": {"size": 432, "divisor": 576, "eps": 1e-05, "shortcuts": true}``: its width, its RMSNorms
 (which still divide by the original width) and the shortcut matrix on each residual add. The config
 keeps the original width, so a plain ``from_pretrained`` fails on the size mismatches.

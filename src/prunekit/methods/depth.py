@@ -16,7 +16,7 @@ The run:
    parameters nearest ``target_params`` (sub-layers counted by their own size); for one-shot
    angular blocks, the best contiguous run of that length;
 4. removal: blocks for real, with the config rewritten (a standard folder); sub-layers replaced
-   by stand-ins, saved with a shape manifest (see ``prunekit.depth_surgery``).
+   by stand-ins, saved with a shape manifest (see ``prunekit.surgery.depth``).
 
 The ranking is returned (and saved in ``prunekit.json`` under ``metrics.ranking``); passing that file
 as ``ranking_from`` (``--ranking-from``) prunes at another count without scoring again. A greedy

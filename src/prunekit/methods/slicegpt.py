@@ -1,6 +1,6 @@
 """SliceGPT (Ashkboos et al. 2024): rotate the residual stream onto its principal components, delete the rest.
 
-The model is first made invariant (``prunekit.invariance``: untied head, norms folded into their
+The model is first made invariant (``prunekit.surgery.hidden``: untied head, norms folded into their
 readers, LayerNorm turned into RMSNorm). Then, sequentially over the calibration set:
 
 - the embeddings' output gives the first basis (PCA of the signal entering block 0);
