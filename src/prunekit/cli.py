@@ -18,7 +18,7 @@ from typer import rich_utils
 
 from prunekit import options as opts
 from prunekit.errors import PrunekitError
-from prunekit.jobs import PerplexityJob, PruneJob, PruneRetrainJob, RecoverJob, ZeroShotJob
+from prunekit.jobs import GgufExport, PerplexityJob, PruneJob, PruneRetrainJob, RecoverJob, ZeroShotJob
 from prunekit.methods import CONFIGS, config_class, study_variants
 from prunekit.recover.train import LoraSettings, RecoverConfig
 from prunekit.study import StudyConfig
@@ -46,10 +46,15 @@ def eval_ppl(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON),
     job = PerplexityJob(**options)
     opts.check_json(json_out)
     text = load_text(job.data)
-    lm, tokenizer = job.load(opts.device(job.device))
-    result = perplexity(lm, tokenizer, text, job.seqlen, job.max_windows, job.batch_size, bos=job.bos)
+    if job.engine == "llama.cpp":
+        from prunekit.evaluate.llamacpp import gguf_perplexity
+
+        result = gguf_perplexity(job.model, job.tokenizer, text, job.seqlen, job.max_windows, job.bos, job.threads)
+    else:
+        lm, tokenizer = job.load(opts.device(job.device))
+        result = perplexity(lm, tokenizer, text, job.seqlen, job.max_windows, job.batch_size, bos=job.bos)
     typer.echo(f"{job.model}: {result.summary()}")
-    opts.write_json(json_out, {"model": job.model, **result.to_dict()})
+    opts.write_json(json_out, {"model": job.model, "engine": job.engine, **result.to_dict()})
 
 
 @opts.friendly
@@ -168,6 +173,9 @@ def bench(
     new_tokens: int = typer.Option(64, help="Greedy tokens generated per decode measurement (forced)."),
     repeats: int = typer.Option(5, help="Interleaved rounds per setting after a warm-up (medians and quartiles)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op CPU threads for the timing (default: torch's)."),
+    engine: str = typer.Option(
+        "pytorch", help="pytorch, or llama.cpp for .gguf files (ABBA order, first prompt length)."
+    ),
     device: str = typer.Option("auto", help=DEVICE),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON),
@@ -180,6 +188,14 @@ def bench(
     sizes, lengths = _integers(batch_sizes, "--batch-sizes"), _integers(prompt_lengths, "--prompt-lengths")
     opts.at_least(threads, "--threads")
     opts.check_json(json_out)
+    if engine == "llama.cpp":
+        from prunekit.evaluate.llamacpp import compare_gguf_speed
+
+        comparison = compare_gguf_speed(list(dict.fromkeys(model)), lengths[0], new_tokens, repeats, threads=threads)
+        typer.echo(comparison.table())
+        return opts.write_json(json_out, comparison.to_dict())
+    if engine != "pytorch":
+        raise PrunekitError(f"--engine must be pytorch or llama.cpp, got {engine!r}")
     models = {name: load(name, dtype=dtype, device=opts.device(device))[0] for name in dict.fromkeys(model)}
     result = benchmark(models, sizes, lengths, new_tokens, repeats, lambda row: log.info("%s", row), threads)
     typer.echo(result.table())
@@ -198,6 +214,21 @@ def unpack(
 
     unpack_compact(model, out, overwrite)
     typer.echo(f"unpacked {model} -> {out}")
+
+
+@opts.friendly
+def export(json_out: Optional[Path] = typer.Option(None, "--json", help=JSON), **options):
+    """Write a model (dense, pruned, recovered; per-block shapes included) as one GGUF file for llama.cpp."""
+    from prunekit.export.gguf import export_gguf_model
+
+    job = GgufExport(**options)
+    opts.check_json(json_out)
+    report = export_gguf_model(job.model, job.out, job.quant, job.overwrite)
+    typer.echo(report.summary())
+    opts.write_json(json_out, report.to_dict())
+
+
+app.command(name="export")(opts.command(export, opts.option_parameters([GgufExport], unset=False)))
 
 
 @opts.friendly

@@ -75,6 +75,18 @@ class PerplexityJob(ModelSource):
     """Windows per forward pass."""
     bos: str = "stream"
     """'stream' (GPTQ convention) or 'window' (BOS before every window)."""
+    engine: str = "pytorch"
+    """'pytorch', or 'llama.cpp' for a .gguf --model (prunekit[deploy]): the same windows, the same tokens."""
+    tokenizer: str | None = None
+    """llama.cpp: the model (alias or folder) the GGUF was exported from, whose tokenizer makes the windows."""
+    threads: int | None = None
+    """llama.cpp: CPU threads (default: all cores)."""
+
+    def __post_init__(self):
+        if self.engine not in ("pytorch", "llama.cpp"):
+            raise PrunekitError(f"--engine must be pytorch or llama.cpp, got {self.engine!r}")
+        if self.engine == "llama.cpp" and self.tokenizer is None:
+            raise PrunekitError("--engine llama.cpp needs --tokenizer: the model the GGUF was exported from")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -87,6 +99,26 @@ class ZeroShotJob(ModelSource):
     """Evaluate only the first N items of each task."""
     batch_size: int = 8
     """Requests per forward pass."""
+
+
+@dataclasses.dataclass
+class GgufExport:
+    """``prunekit export``: a model to one GGUF file that llama.cpp runs."""
+
+    model: str
+    """The model: a prunekit output folder, a model folder, or the alias smollm2-135m."""
+    out: Path
+    """The .gguf file to write (atomically)."""
+    fmt: str = dataclasses.field(default="gguf", metadata={"flag": "--format"})
+    """The file format: gguf (llama.cpp). Quantized safetensors (compressed-tensors) come from prune --method gptq."""
+    quant: str = "f32"
+    """f32, f16, bf16, q8_0 or q4_0 (the gguf package's own block quantization)."""
+    overwrite: bool = False
+    """Replace an existing file."""
+
+    def __post_init__(self):
+        if self.fmt != "gguf":
+            raise PrunekitError(f"--format must be gguf, got {self.fmt!r} (compressed-tensors: prune --method gptq)")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -80,6 +80,14 @@ class SpeedComparison:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def table(self) -> str:
+        """One line per model: prefill and decode with their speed-ups [q1-q3] over the baseline."""
+        lines = [f"model | prefill ms | speed-up [q1-q3] | decode tok/s | speed-up [q1-q3]  ({self.settings})"]
+        for name, r in self.models.items():
+            prefill, decode = self.prefill_speedup.get(name, "baseline"), self.decode_speedup.get(name, "baseline")
+            lines.append(f"{name} | {r.prefill_ms:.1f} | {prefill} | {r.decode_tokens_per_s:.1f} | {decode}")
+        return "\n".join(lines)
+
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
