@@ -532,3 +532,19 @@ def test_gptq_from_the_command_line_saves_compressed_tensors_that_transformers_r
     ids = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-4)
+
+
+def test_export_gguf_from_the_command_line(tiny_folder, tmp_path):
+    """`prunekit export` writes one GGUF file the gguf package reads back; bad options are one line, no file."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "tiny.gguf"
+    result = run("export", "--model", str(tiny_folder), "--out", str(out), "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert json.loads((tmp_path / "r.json").read_text())["arch"] == "llama"
+    assert "--format must be gguf" in error_line(run("export", "--model", str(tiny_folder), "--format", "onnx",
+                                                     "--out", str(tmp_path / "x.gguf")))  # fmt: skip
+    assert "--quant" in error_line(run("export", "--model", str(tiny_folder), "--quant", "q5_9",
+                                       "--out", str(tmp_path / "y.gguf")))  # fmt: skip
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
