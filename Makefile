@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 # while other jobs kept it busy). GGML_NATIVE=OFF (portable AVX2): a native build on this machine's CPU
 # compiles AMX kernels whose tile instructions fault in its VM ("Illegal instruction" on Q8_0/Q4_0).
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF
 
 deploy: $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[deploy]'
