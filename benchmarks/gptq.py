@@ -30,7 +30,7 @@ from prunekit.data import calibration, eval_windows, load_text, tokenize
 from prunekit.evaluate import perplexity
 from prunekit.export.compressed import folder_bytes, save_compressed
 from prunekit.methods import GPTQConfig, SparseGPTConfig, WandaConfig, prune
-from prunekit.methods.gptq import QuantGrid, clear_grids, rtn_model
+from prunekit.methods.quant import QuantGrid, clear_grids, rtn_model
 from prunekit.sequential import EngineConfig
 
 GRID = dict(group_size=128, sym=True)

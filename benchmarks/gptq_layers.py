@@ -8,7 +8,8 @@ import torch
 
 from prunekit import load
 from prunekit.data import calibration
-from prunekit.methods.gptq import QuantGrid, gptq_quantize, rtn
+from prunekit.methods.gptq import gptq_quantize
+from prunekit.methods.quant import QuantGrid, rtn
 from prunekit.methods.stats import Hessian, on_inputs
 from prunekit.models import get_adapter, linear_weight
 

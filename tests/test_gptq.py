@@ -9,17 +9,9 @@ from prunekit import load, save_pruned
 from prunekit.data import Calibration
 from prunekit.errors import PrunekitError
 from prunekit.methods import METHODS, GPTQConfig, SparseGPTConfig, WandaConfig, prune
-from prunekit.methods.gptq import (
-    QuantGrid,
-    dequantize,
-    gptq_quantize,
-    grid_of,
-    quant_codes,
-    quant_grid,
-    quantize_dequantize,
-    rtn,
-)
+from prunekit.methods.gptq import gptq_quantize
 from prunekit.methods.masks import parse_nm
+from prunekit.methods.quant import QuantGrid, dequantize, grid_of, quant_codes, quant_grid, quantize_dequantize, rtn
 from prunekit.methods.sparsegpt import sparsegpt_prune
 from prunekit.methods.stats import Hessian, on_inputs
 from prunekit.models import get_adapter, linear_weight
@@ -187,7 +179,7 @@ def test_gptq_beats_rounding_on_a_tiny_model_on_its_own_calibration_loss():
     gptq = tiny_model("llama")  # block order with dense propagation: each layer's Hessian is of exactly these inputs
     prune(gptq, GPTQConfig(bits=3, group_size=16, order="block"), data, EngineConfig(propagate="dense", progress=False))
     rounded = tiny_model("llama")
-    from prunekit.methods.gptq import rtn_model
+    from prunekit.methods.quant import rtn_model
 
     rtn_model(rounded, grid)
     g, r = layer_errors(gptq, dense, inputs), layer_errors(rounded, dense, inputs)

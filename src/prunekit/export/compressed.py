@@ -24,7 +24,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
 from prunekit.io.save import save_folder
-from prunekit.methods.gptq import SCALE, ZERO, QuantGrid, dequantize, grid_of, quant_codes
+from prunekit.methods.quant import SCALE, ZERO, QuantGrid, dequantize, grid_of, quant_codes
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import get_adapter, linear_weight, tied_parameter_names
 

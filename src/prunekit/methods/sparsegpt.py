@@ -18,7 +18,10 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.methods.gptq import (
+from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
+from prunekit.methods.masks import matrix_mask
+from prunekit.methods.owl import owl_prepare
+from prunekit.methods.quant import (
     QuantGrid,
     QuantRule,
     check_grid,
@@ -27,9 +30,6 @@ from prunekit.methods.gptq import (
     save_block_grids,
     sweep_blocksize,
 )
-from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
-from prunekit.methods.masks import matrix_mask
-from prunekit.methods.owl import owl_prepare
 from prunekit.methods.registry import register
 from prunekit.methods.stats import Hessian
 from prunekit.methods.unstructured import UnstructuredConfig, in_features, prune_block, select_linears, weight_device
