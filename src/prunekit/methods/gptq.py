@@ -5,16 +5,10 @@ It runs in the sequential engine exactly like SparseGPT (same calibration captur
 retries, checkpoints) and shares its column sweep (``prunekit.methods.hessian``); only the target of a
 column differs: its nearest grid point instead of zero.
 
-The grid (the compressed-tensors convention, so a saved model needs no re-rounding): signed integer codes
-c in [-2^(b-1), 2^(b-1) - 1], one scale s and zero point z per output row and group of ``group_size``
-input columns (column j in group j // group_size; when the size does not divide the width the last group is
-shorter, as in GPTQ's reference code), value (c - z) * s. Symmetric grids have z = 0 and
-s = max|w| / (2^b - 1) * 2; asymmetric ones stretch [min(w, 0), max(w, 0)] over the 2^b codes. Zero is on
-every grid (c = z), so pruned weights stay exactly zero when SparseGPT quantizes in the same sweep.
+The grid and its maths are in ``prunekit.methods.quant``.
 
-Weights stay in the model as floats on the grid (fake quantization); each quantized linear carries its
-grid (``grid_of(linear)``: scale and zero point, [out, groups]), from which
-``prunekit.export.compressed`` recovers the integer codes exactly and saves them packed. The scale is
+Weights stay in the model as floats on the grid (fake quantization), each quantized linear carrying its grid,
+from which ``prunekit.export.compressed`` recovers the integer codes exactly and saves them packed. The scale is
 rounded to the weight's dtype before use, so (c - z) * s in that dtype is the stored weight bit for bit.
 """
 
