@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 src, out, actorder = sys.argv[1], sys.argv[2], (None if sys.argv[3] == "none" else sys.argv[3])
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 2)
-tokens = torch.load("/tmp/calib_c4_64x512.pt")
+tokens = torch.load("/tmp/calib_c4_64x512.pt", weights_only=True)  # a tensor: no pickled code runs
 ds = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(src)
