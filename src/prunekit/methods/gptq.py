@@ -21,7 +21,13 @@ from typing import ClassVar
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
+from prunekit.methods.hessian import (
+    HESSIAN_DTYPES,
+    check_sweep_settings,
+    inverse_hessian_factor,
+    obs_sweep,
+    without_dead_inputs,
+)
 from prunekit.methods.quant import (
     QuantGrid,
     QuantRule,
@@ -111,12 +117,7 @@ class GPTQConfig(MethodConfig):
 
     def __post_init__(self):
         check_grid(self.bits, self.group_size)
-        if self.blocksize < 1:
-            raise PrunekitError(f"--blocksize must be at least 1, got {self.blocksize}")
-        if not 0 < self.percdamp < 1:
-            raise PrunekitError(f"--percdamp must be in (0, 1), got {self.percdamp}")
-        if self.hessian_dtype not in HESSIAN_DTYPES:
-            raise PrunekitError(f"--hessian-dtype must be float32 or float64, got {self.hessian_dtype!r}")
+        check_sweep_settings(self.blocksize, self.percdamp, self.hessian_dtype)
         if self.order not in ORDERS:
             raise PrunekitError(f"--order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)

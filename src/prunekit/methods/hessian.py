@@ -34,6 +34,16 @@ class ColumnRule(Protocol):
         """The value column ``i`` of the block (``column`` of the matrix) is set to, from its current value."""
 
 
+def check_sweep_settings(blocksize: int, percdamp: float, hessian_dtype: str) -> None:
+    """The column sweep's settings, as SparseGPT and GPTQ both take them (errors name the flags)."""
+    if blocksize < 1:
+        raise PrunekitError(f"--blocksize must be at least 1, got {blocksize}")
+    if not 0 < percdamp < 1:
+        raise PrunekitError(f"--percdamp must be in (0, 1), got {percdamp}")
+    if hessian_dtype not in HESSIAN_DTYPES:
+        raise PrunekitError(f"--hessian-dtype must be float32 or float64, got {hessian_dtype!r}")
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, tries: int = 6, who: str = "SparseGPT"):
     """Upper Cholesky factor of (H + damp*I)^-1, raising the dampening tenfold until it factors."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)

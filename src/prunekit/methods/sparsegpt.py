@@ -17,8 +17,13 @@ from typing import ClassVar
 
 import torch
 
-from prunekit.errors import PrunekitError
-from prunekit.methods.hessian import HESSIAN_DTYPES, inverse_hessian_factor, obs_sweep, without_dead_inputs
+from prunekit.methods.hessian import (
+    HESSIAN_DTYPES,
+    check_sweep_settings,
+    inverse_hessian_factor,
+    obs_sweep,
+    without_dead_inputs,
+)
 from prunekit.methods.masks import matrix_mask
 from prunekit.methods.owl import owl_prepare
 from prunekit.methods.quant import (
@@ -62,12 +67,7 @@ class SparseGPTConfig(UnstructuredConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.blocksize < 1:
-            raise PrunekitError(f"--blocksize must be at least 1, got {self.blocksize}")
-        if not 0 < self.percdamp < 1:
-            raise PrunekitError(f"--percdamp must be in (0, 1), got {self.percdamp}")
-        if self.hessian_dtype not in HESSIAN_DTYPES:
-            raise PrunekitError(f"--hessian-dtype must be float32 or float64, got {self.hessian_dtype!r}")
+        check_sweep_settings(self.blocksize, self.percdamp, self.hessian_dtype)
         check_grid(self.bits, self.group_size)
 
     @property
