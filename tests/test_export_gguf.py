@@ -212,3 +212,14 @@ def test_real_model_f32_gguf_perplexity_equals_prunekits(tmp_path):
     assert theirs.tokens == ours.tokens
     assert abs(theirs.ppl / ours.ppl - 1) < 1e-3, (theirs.ppl, ours.ppl)
     np.testing.assert_allclose(theirs.nll, ours.nll, rtol=1e-4)
+
+
+def test_q4_0_keeps_the_output_head_at_q8_0(tmp_path):
+    """As llama.cpp's own quantizer does (Q6_K there): the tied token embedding is the output head."""
+    gguf = pytest.importorskip("gguf")
+    model = tiny_model("llama")
+    export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", "q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"
+    assert types[head] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.1.attn_q.weight"] == "Q4_0"

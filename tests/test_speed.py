@@ -84,3 +84,39 @@ def test_identical_copy_reads_one_while_the_machine_gets_busy():
             p.wait()
     for ratio in (result.prefill_speedup["copy"], result.decode_speedup["copy"]):
         assert abs(ratio.median - 1.0) <= 0.05 or not ratio.readable, ratio
+
+
+def test_rounds_go_on_while_the_spread_is_too_wide_and_stop_at_the_limit(monkeypatch):
+    """Scripted timings: the candidate's first rounds swing by +-50%, then settle at the baseline's time.
+    With ``max_rounds`` the comparison keeps timing until the quartiles are readable; without, it flags."""
+    import prunekit.evaluate.speed as speed
+
+    swings = iter([0.5, 1.5, 0.5, 1.5] + [1.0] * 100)
+
+    def scripted(model, ids, new_tokens):
+        return (next(swings), 1.0) if model == "b" else (1.0, 1.0)
+
+    monkeypatch.setattr(speed, "time_once", scripted)
+    models = {"a": _Stub("a"), "b": _Stub("b")}
+    adaptive = compare_speed(models, prompt_tokens=4, new_tokens=2, rounds=4, warmup=0, max_rounds=30)
+    assert adaptive.prefill_speedup["b"].readable and adaptive.prefill_speedup["b"].median == 1.0
+    assert 4 < adaptive.settings["rounds"] < 30 and adaptive.models["b"].repeats == adaptive.settings["rounds"]
+
+    swings = iter([0.5, 1.5] * 100)
+    capped = compare_speed(models, prompt_tokens=4, new_tokens=2, rounds=4, warmup=0, max_rounds=10)
+    assert capped.settings["rounds"] == 10 and not capped.prefill_speedup["b"].readable
+
+
+class _Stub(torch.nn.Module):
+    """A named stand-in whose timings the test scripts (compares equal to its name)."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"vocab_size": 8})()
+
+    def __eq__(self, other):
+        return other == self.name if isinstance(other, str) else other is self
+
+    __hash__ = torch.nn.Module.__hash__

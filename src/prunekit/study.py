@@ -90,6 +90,8 @@ class StudyConfig:
     """Speed: greedy tokens generated, each timed."""
     repeats: int = 5
     """Speed: interleaved rounds of each point against dense, after one warm-up (median ratio and quartiles)."""
+    max_repeats: int = 15
+    """Speed: more rounds, up to this many, while a ratio's spread is too wide to read (a busy machine)."""
     threads: int | None = None
     """Speed: intra-op CPU threads while timing (default: torch's); recorded either way."""
     progress: bool = field(default=True, metadata={"cli": False})  # progress bars for pruning and perplexity
@@ -248,7 +250,7 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
         model, _ = load(folder / name)
         comparison = compare_speed(
             {"dense": dense, name: model}, config.prompt_tokens, config.new_tokens, rounds=config.repeats,
-            threads=config.threads,
+            threads=config.threads, max_rounds=config.max_repeats,
         )  # fmt: skip
         del model
         timed = comparison.models[name]
@@ -272,6 +274,12 @@ def _time_points(result: StudyResult, names: list[str], dense, folder: Path, con
         "prefill_speedup": one,
         "decode_speedup": one,
     }
+
+
+def _rounds(settings: dict) -> str:
+    """The rounds a study timed: its minimum, and the maximum it may go to while a spread is too wide."""
+    most = settings.get("max_repeats") or settings["repeats"]
+    return f"{settings['repeats']}" if most <= settings["repeats"] else f"{settings['repeats']} to {most}"
 
 
 def _nonzero_non_embedding(model) -> int:
@@ -409,7 +417,7 @@ def markdown_report(result: StudyResult, rows: list[dict]) -> str:
         f"Perplexity: {eval_data['name']} (text sha256 `{eval_data['sha256'][:12]}…`), seqlen "
         f"{settings['eval_seqlen']}, {windows} windows. Speed: 1 x {settings['prompt_tokens']} prefill and "
         f"{settings['new_tokens']} greedy tokens timed one by one after it; each point's saved model timed "
-        f"interleaved with the dense model in this run ({settings['repeats']} rounds after a warm-up{threads}); "
+        f"interleaved with the dense model in this run ({_rounds(settings)} rounds after a warm-up{threads}); "
         "speed-up = median of the per-round ratios [interquartile range]; ⚠ marks a spread wider than 10% of the "
         "median (not a result: the machine's load changed too much). Sparse methods count non-zero weights and run "
         "dense kernels.",

@@ -132,9 +132,14 @@ def compare_speed(
     threads: int | None = None,
     seed: int = 0,
     max_spread: float = MAX_SPREAD,
+    max_rounds: int | None = None,
 ) -> SpeedComparison:
     """Time ``models`` (name -> model; the first is the baseline) interleaved, ``rounds`` times each
-    after ``warmup`` discarded rounds, on the same random prompt; speed-ups as medians of per-round ratios."""
+    after ``warmup`` discarded rounds, on the same random prompt; speed-ups as medians of per-round ratios.
+
+    With ``max_rounds``, rounds go on past ``rounds`` while any ratio's spread is too wide, up to
+    ``max_rounds``: on a machine that gets busy for a while, more rounds let the quartiles settle
+    instead of flagging the result (a quiet machine stops at ``rounds``)."""
     if not models:
         raise PrunekitError("a speed comparison needs at least one model")
     if min(prompt_tokens, new_tokens, batch_size, rounds) < 1 or warmup < 0:
@@ -154,18 +159,24 @@ def compare_speed(
         torch.cuda.reset_peak_memory_stats(device)
     prefill = {n: [] for n in names}
     decode = {n: [] for n in names}
+    limit = warmup + max(rounds, max_rounds or 0)
     with fixed_threads(threads) as used_threads:
-        for round_index in range(warmup + rounds):
+        round_index = 0
+        while round_index < warmup + rounds or (
+            round_index < limit and not _all_readable(prefill, decode, names[0], max_spread)
+        ):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 p, d = time_once(models[name], ids, new_tokens)
                 if round_index >= warmup:
                     prefill[name].append(p)
                     decode[name].append(batch_size * new_tokens / d)
+            round_index += 1
+    rounds = round_index - warmup
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     settings = dict(
         batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, warmup=warmup,
-        threads=used_threads, device=str(device), interleaved=True,
+        max_rounds=max_rounds, threads=used_threads, device=str(device), interleaved=True,
     )  # fmt: skip
     results = {
         n: SpeedResult(
@@ -180,16 +191,21 @@ def compare_speed(
         )  # fmt: skip
         for n in names
     }
-    base = names[0]
-    comparison = SpeedComparison(base, settings, results)
+    comparison = SpeedComparison(names[0], settings, results)
     for n in names:
-        comparison.prefill_speedup[n] = Ratio.of(
-            [b / x for b, x in zip(prefill[base], prefill[n], strict=True)], max_spread
-        )
-        comparison.decode_speedup[n] = Ratio.of(
-            [x / b for b, x in zip(decode[base], decode[n], strict=True)], max_spread
-        )
+        comparison.prefill_speedup[n], comparison.decode_speedup[n] = _ratios(prefill, decode, names[0], n, max_spread)
     return comparison
+
+
+def _ratios(prefill: dict, decode: dict, base: str, name: str, max_spread: float) -> tuple[Ratio, Ratio]:
+    """``name``'s prefill and decode speed-ups over ``base``, from the rounds timed so far."""
+    prefill_ratio = Ratio.of([b / x for b, x in zip(prefill[base], prefill[name], strict=True)], max_spread)
+    decode_ratio = Ratio.of([x / b for b, x in zip(decode[base], decode[name], strict=True)], max_spread)
+    return prefill_ratio, decode_ratio
+
+
+def _all_readable(prefill: dict, decode: dict, base: str, max_spread: float) -> bool:
+    return all(r.readable for n in prefill for r in _ratios(prefill, decode, base, n, max_spread))
 
 
 def measure_speed(

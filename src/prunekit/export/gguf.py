@@ -55,6 +55,10 @@ BLOCK_QUANTS = ("q8_0", "q4_0")  # quantized in blocks of 32 along each row
 QUANT_BLOCK = 32
 STAND_IN_FF = QUANT_BLOCK  # the zero MLP of a block whose MLP was removed: one quantization block wide
 FAMILIES = ("llama", "mistral")  # model types written as llama.cpp's llama / deci
+# Under q4_0 the output head (the token embedding when tied) is written as Q8_0: llama.cpp's own
+# llama-quantize keeps the head at Q6_K in its Q4_0 files (a type gguf-py cannot write), because 4-bit
+# logits cost the most: SmolLM2's tied head in Q4_0 cost +41-74% perplexity (16 windows).
+HEAD_QUANT = {"q4_0": "q8_0"}
 SPARSE_NOTE_MIN = 0.01  # a zero fraction of block weights above this is reported as sparsity
 
 
@@ -140,7 +144,9 @@ def export_gguf(
     plans = plan_blocks(model)
     arch = "llama" if _uniform(plans) else "deci"
     tensors = gguf_tensors(model, plans, arch)
-    encoded = {name: _encode(name, data, quant) for name, data in tensors.items()}
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied: the embedding
+    encoded = {name: _encode(name, data, HEAD_QUANT.get(quant, quant) if name == head else quant)
+               for name, data in tensors.items()}  # fmt: skip
     tokenizer_fields, tokenizer_origin = tokenizer_metadata(model, tokenizer, source)
     _write_atomically(out, lambda path: _write(path, model, plans, arch, quant, encoded, tokenizer_fields))
     return GgufReport(
