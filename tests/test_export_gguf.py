@@ -223,3 +223,78 @@ def test_q4_0_keeps_the_output_head_at_q8_0(tmp_path):
     head = "output.weight" if "output.weight" in types else "token_embd.weight"
     assert types[head] == "Q8_0"
     assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.1.attn_q.weight"] == "Q4_0"
+
+
+# --- GPTQ's codes written as they are -------------------------------------------------------------
+
+
+def gptq_folder(tmp_path, bits=4, group_size=32, sym=True):
+    pytest.importorskip("compressed_tensors")
+    from prunekit.data import Calibration
+    from prunekit.export.compressed import save_compressed
+    from prunekit.methods import GPTQConfig, prune
+    from prunekit.methods.quant import QuantGrid
+    from prunekit.sequential import EngineConfig
+
+    model = tiny_model("llama")
+    calib = Calibration(tokens(n=8, seqlen=16, seed=0), "random", "-", 0)
+    prune(model, GPTQConfig(bits=bits, group_size=group_size, sym=sym), calib, EngineConfig(progress=False))
+    save_compressed(model, tiny_tokenizer(), tmp_path / "q", QuantGrid(bits, group_size, sym))
+    return model, tmp_path / "q"
+
+
+@pytest.mark.parametrize("bits, group_size, quant", [(4, 32, "q4_0"), (4, 64, "q8_0"), (8, -1, "q8_0")])
+def test_gptq_codes_and_scales_go_into_q8_0_and_q4_0_blocks_unrounded(bits, group_size, quant, tmp_path):
+    """Every block of the file dequantizes to GPTQ's codes times its scale in f16, never to a fresh rounding."""
+    gguf = pytest.importorskip("gguf")
+    from prunekit.export.gguf import export_gguf_model
+    from prunekit.methods.quant import grid_of, per_column, quant_codes
+
+    model, folder = gptq_folder(tmp_path, bits, group_size)
+    report = export_gguf_model(folder, tmp_path / "m.gguf", quant)
+    assert any("GPTQ" in note for note in report.notes) and not any("sparsity" in note for note in report.notes)
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    linear = model.model.layers[1].mlp.down_proj
+    scale, zero = grid_of(linear)
+    W = linear.weight.detach()
+    codes = quant_codes(W, scale, zero, bits, group_size)
+    expected = codes * per_column(scale.half().float(), W.shape[1], group_size)
+    tensor = stored["blk.1.ffn_down.weight"]
+    assert tensor.tensor_type.name == quant.upper()
+    got = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+    assert torch.equal(got, expected)
+    fresh = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(W.numpy(), tensor.tensor_type),
+                                                    tensor.tensor_type))  # fmt: skip
+    assert (got - W).norm() < (fresh - W).norm()  # re-rounding GPTQ's weights would move them
+
+
+def test_gptq_exports_in_llama_cpp_give_the_quantized_model_logits(tmp_path):
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pip install 'prunekit[deploy]')")
+    from prunekit.export.gguf import export_gguf_model
+
+    model, folder = gptq_folder(tmp_path)
+    export_gguf_model(folder, tmp_path / "m.gguf", "q4_0")
+    ids = tokens(n=1, seqlen=16)[0]
+    with torch.no_grad():
+        expected = model(ids[None]).logits[0]
+    got = llama_logits(tmp_path / "m.gguf", ids.tolist())
+    assert (got - expected).norm() / expected.norm() < 2e-2  # f16 scales and the Q8_0 head, not 4-bit rounding
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, sym, quant, match",
+    [
+        (4, 32, False, "q4_0", "asymmetric grid"),
+        (4, 16, True, "q4_0", "multiple of 32"),
+        (8, 32, True, "q4_0", "beyond q4_0's range"),
+    ],
+)
+def test_gptq_grids_gguf_cannot_hold_are_refused_with_the_fix(bits, group_size, sym, quant, match, tmp_path):
+    pytest.importorskip("gguf")
+    from prunekit.export.gguf import export_gguf_model
+
+    _, folder = gptq_folder(tmp_path, bits, group_size, sym)
+    with pytest.raises(PrunekitError, match=match):
+        export_gguf_model(folder, tmp_path / "m.gguf", quant)
+    assert not (tmp_path / "m.gguf").exists()
+    export_gguf_model(folder, tmp_path / "m.gguf", "f16")  # the dequantized weights always export

@@ -24,7 +24,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.io.lazy import is_lazy
 from prunekit.io.save import save_folder
-from prunekit.methods.quant import SCALE, ZERO, QuantGrid, dequantize, grid_of, quant_codes
+from prunekit.methods.quant import SCALE, ZERO, QuantGrid, dequantize, grid_of, quant_codes, record_grid
 from prunekit.methods.unstructured import select_linears
 from prunekit.models import get_adapter, linear_weight, tied_parameter_names
 
@@ -166,6 +166,33 @@ def save_compressed(
         return {"storage": {"format": "compressed-tensors", "bits": grid.bits}}
 
     return save_folder(model, tokenizer, out, manifest or {}, write, overwrite)
+
+
+def decompress_recording_grids(model: nn.Module) -> int:
+    """Turn every quantized linear of a model loaded from a compressed-tensors folder back into a plain
+    ``nn.Linear`` with float weights (the library's dequantiser: exactly the floats GPTQ evaluated), its
+    scale and zero point recorded as GPTQ records them, so exporters can write the codes as they are.
+    Returns how many linears it turned back."""
+    from compressed_tensors.compressors import decompress_module
+    from compressed_tensors.quantization import QuantizationMetadata, QuantizationStatus
+
+    hook = model.__dict__.pop("ct_decompress_hook", None)  # the library's decompress-on-first-forward
+    if hook is not None:
+        hook.remove()
+    count = 0
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is None or not hasattr(module, "weight_scale"):
+            continue
+        scale = module.weight_scale.detach().clone()
+        zero = getattr(module, "weight_zero_point", None)
+        zero = torch.zeros_like(scale) if zero is None else zero.detach().clone().reshape(scale.shape)
+        if module.quantization_status == QuantizationStatus.COMPRESSED:
+            decompress_module(module, leave_decompressed=False)  # a plain Linear again, forward restored
+        else:  # already decompressed by a forward pass: only the quantization wrappers are left to drop
+            QuantizationMetadata.clear_quantization(module)
+        record_grid(module, scale, zero)
+        count += 1
+    return count
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:

@@ -41,24 +41,19 @@ import torch
 
 from prunekit.data import adds_bos
 from prunekit.errors import PrunekitError
+from prunekit.export.gguf_quant import HEAD_QUANT, QUANT_BLOCK, check_quant, encode
 from prunekit.io.aliases import ALIASES, alias_gguf, cache_dir
 from prunekit.io.load import load
 from prunekit.io.manifest import read_manifest
+from prunekit.methods.quant import grid_of, per_column
 from prunekit.models import get_adapter
 from prunekit.surgery.depth import kept_sublayers
 from prunekit.surgery.hidden import describe_hidden
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-BLOCK_QUANTS = ("q8_0", "q4_0")  # quantized in blocks of 32 along each row
-QUANT_BLOCK = 32
 STAND_IN_FF = QUANT_BLOCK  # the zero MLP of a block whose MLP was removed: one quantization block wide
 FAMILIES = ("llama", "mistral")  # model types written as llama.cpp's llama / deci
-# Under q4_0 the output head (the token embedding when tied) is written as Q8_0: llama.cpp's own
-# llama-quantize keeps the head at Q6_K in its Q4_0 files (a type gguf-py cannot write), because 4-bit
-# logits cost the most: SmolLM2's tied head in Q4_0 cost +41-74% perplexity (16 windows).
-HEAD_QUANT = {"q4_0": "q8_0"}
 SPARSE_NOTE_MIN = 0.01  # a zero fraction of block weights above this is reported as sparsity
 
 
@@ -119,6 +114,10 @@ def export_gguf_model(
     check_quant(quant)
     check_gguf_output(out, overwrite)  # before the load, so a bad --out costs nothing
     loaded, tokenizer = load(model, dtype="float32")
+    if getattr(loaded.config, "quantization_config", None) is not None:
+        from prunekit.export.compressed import decompress_recording_grids
+
+        decompress_recording_grids(loaded)  # GPTQ's codes and scales, for q8_0 / q4_0 to keep as they are
     return export_gguf(loaded, tokenizer, out, quant, source=str(model), overwrite=overwrite)
 
 
@@ -143,9 +142,9 @@ def export_gguf(
     out = check_gguf_output(out, overwrite)
     plans = plan_blocks(model)
     arch = "llama" if _uniform(plans) else "deci"
-    tensors = gguf_tensors(model, plans, arch)
+    tensors, grids = gguf_tensors(model, plans, arch)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied: the embedding
-    encoded = {name: _encode(name, data, HEAD_QUANT.get(quant, quant) if name == head else quant)
+    encoded = {name: encode(name, data, HEAD_QUANT.get(quant, quant) if name == head else quant, grids.get(name))
                for name, data in tensors.items()}  # fmt: skip
     tokenizer_fields, tokenizer_origin = tokenizer_metadata(model, tokenizer, source)
     _write_atomically(out, lambda path: _write(path, model, plans, arch, quant, encoded, tokenizer_fields))
@@ -165,11 +164,6 @@ def export_gguf(
 
 
 # -- checks ----------------------------------------------------------------------------------------
-
-
-def check_quant(quant: str) -> None:
-    if quant not in QUANTS:
-        raise PrunekitError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
 
 
 def check_gguf_output(out: str | os.PathLike, overwrite: bool) -> Path:
@@ -259,14 +253,15 @@ def _check_rope(config) -> None:
 # -- tensors ---------------------------------------------------------------------------------------
 
 
-def gguf_tensors(model, plans: list[BlockPlan], arch: str) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> float32 array (numpy [out, in], as GGUF stores a row-major ggml tensor)."""
+def gguf_tensors(model, plans: list[BlockPlan], arch: str) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
+    """GGUF tensor name -> float32 array (numpy [out, in], as GGUF stores a row-major ggml tensor); and for
+    the weights GPTQ quantized, GGUF name -> (scale, zero point) of every weight, rows ordered as the weight's."""
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA, len(plans))
     head_dim = _head_dim(model.config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = {}
+    tensors, grids = {}, {}
     for name, value in model.state_dict().items():
         if value.numel() == 0 or (tied and name == "lm_head.weight"):
             continue  # zero-size markers of removed sub-layers; a tied head is the embedding
@@ -276,14 +271,34 @@ def gguf_tensors(model, plans: list[BlockPlan], arch: str) -> dict[str, np.ndarr
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise PrunekitError(f"the tensor {name} has no GGUF name in llama.cpp's llama layout; cannot export it")
-        data = value.detach().to("cpu", torch.float32).numpy()
+        arrays = [value, *_column_grid(model, name, value)]
+        arrays = [a.detach().to("cpu", torch.float32).numpy() for a in arrays]
         if block is not None and name.split(".")[-2] in ("q_proj", "k_proj"):
             heads = plans[block].heads if "q_proj" in name else plans[block].kv_heads
-            data = _rope_permute(data, heads, head_dim)
-        tensors[gguf_name] = data
+            arrays = [_rope_permute(a, heads, head_dim) for a in arrays]  # rows move with their scales
+        tensors[gguf_name] = arrays[0]
+        if len(arrays) == 3:
+            grids[gguf_name] = tuple(arrays[1:])
     for block, plan in enumerate(plans):
         tensors.update(_stand_in_tensors(block, plan, model.config.hidden_size, head_dim))
-    return tensors
+    return tensors, grids
+
+
+def _column_grid(model, name: str, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(scales, zeros)`` per weight, the weight's shape, when ``name`` is the weight of a linear GPTQ
+    quantized (its grid recorded); else ``()``."""
+    if not name.endswith(".weight"):
+        return ()
+    grid = grid_of(model.get_submodule(name.removesuffix(".weight")))
+    if grid is None:
+        return ()
+    columns, groups = value.shape[1], grid[0].shape[1]
+    if columns % groups:  # the recorded grid does not say how long its groups were
+        raise PrunekitError(
+            f"{name} was quantized with a short last group ({columns} columns in {groups} groups); GGUF export "
+            "needs a --group-size that divides every layer's width (e.g. 32 or 64), or -1"
+        )
+    return tuple(per_column(g.float(), columns, columns // groups) for g in grid)
 
 
 def _block_part(name: str) -> tuple[int | None, str | None]:
@@ -321,24 +336,6 @@ def _stand_in_tensors(block: int, plan: BlockPlan, hidden: int, head_dim: int) -
             tensors[f"blk.{block}.{part}.weight"] = zeros((head_dim, hidden), np.float32)
         tensors[f"blk.{block}.attn_output.weight"] = zeros((hidden, head_dim), np.float32)
     return tensors
-
-
-def _encode(name: str, data: np.ndarray, quant: str) -> tuple[np.ndarray, object | None]:
-    """``(array, raw ggml type or None)`` for ``GGUFWriter.add_tensor``; vectors (norms, biases) stay f32."""
-    import gguf
-
-    if data.ndim < 2 or quant == "f32":
-        return data, None
-    if quant == "f16":
-        return data.astype(np.float16), None
-    if quant in BLOCK_QUANTS and data.shape[-1] % QUANT_BLOCK:
-        raise PrunekitError(
-            f"{quant} quantizes rows in blocks of {QUANT_BLOCK}, but {name} has rows of {data.shape[-1]}; "
-            f"prune with --round-to {QUANT_BLOCK} (a multiple of {QUANT_BLOCK} neurons per block), "
-            "or export as f16 / bf16 / f32"
-        )
-    qtype = getattr(gguf.GGMLQuantizationType, quant.upper())
-    return gguf.quants.quantize(data, qtype), qtype
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
@@ -518,6 +515,12 @@ def _notes(model, plans: list[BlockPlan]) -> list[str]:
                 f"({'one head' if part == 'attention' else f'{STAND_IN_FF} neurons'}) that adds nothing, "
                 "because llama.cpp's deci architecture cannot express it absent there"
             )
+    if any(grid_of(m) is not None for m in model.modules()):
+        notes.append(
+            "weights quantized by GPTQ: q8_0 / q4_0 hold its integer codes as they are (each block's scale "
+            "rounded to f16); f32 / f16 / bf16 hold their dequantized values"
+        )
+        return notes  # a 4-bit grid rounds many weights to 0: that is not sparsity worth a note
     zero = _zero_fraction(model)
     if zero > SPARSE_NOTE_MIN:
         notes.append(

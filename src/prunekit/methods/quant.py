@@ -91,7 +91,7 @@ def quant_codes(
 
     ``group_size`` is needed only when the last group is short (else it follows from the shapes)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    s, z = _per_column(scale, W.shape[1], group_size), _per_column(zero, W.shape[1], group_size)
+    s, z = per_column(scale, W.shape[1], group_size), per_column(zero, W.shape[1], group_size)
     return (W / s).round().add(z).clamp(qmin, qmax)
 
 
@@ -100,7 +100,7 @@ def dequantize(
 ) -> torch.Tensor:
     """(c - z) * s: the formula compressed-tensors uses too, so the floats match bit for bit."""
     columns = codes.shape[1]
-    return (codes - _per_column(zero, columns, group_size)) * _per_column(scale, columns, group_size)
+    return (codes - per_column(zero, columns, group_size)) * per_column(scale, columns, group_size)
 
 
 def quantize_dequantize(
@@ -110,7 +110,7 @@ def quantize_dequantize(
     return dequantize(quant_codes(W, scale, zero, bits, group_size), scale, zero, group_size)
 
 
-def _per_column(values: torch.Tensor, columns: int, group_size: int | None) -> torch.Tensor:
+def per_column(values: torch.Tensor, columns: int, group_size: int | None) -> torch.Tensor:
     """[out, groups] -> [out, columns], each group's value repeated over its columns (the last may be short)."""
     size = group_size if group_size not in (None, -1) else -(-columns // values.shape[1])
     return values.repeat_interleave(size, dim=1)[:, :columns]
