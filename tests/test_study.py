@@ -88,3 +88,33 @@ def test_study_with_zero_shot_tasks_plots_their_mean(tmp_path):
     report = (tmp_path / "study" / "report.md").read_text()
     assert "| point | piqa | mean |" in report and "| depth 25% | " in report
     assert "| chance | 0.500 | 0.500 |" in report  # PIQA has two choices per item
+
+
+def test_study_quantizes_every_point_and_adds_a_size_table_and_panel(tmp_path):
+    """--quant w4: dense and every point also quantized by GPTQ, each smaller than its 16-bit self; cached like
+    points, and adding a variant later does not re-prune (the points' keys ignore --quant)."""
+    from prunekit.study_size import size_rows
+
+    out = tmp_path / "study"
+    run_study(tiny_study(tmp_path, methods=("width", "wanda")), out, progress=lambda line: None)
+    lines = []
+    result = run_study(tiny_study(tmp_path, methods=("width", "wanda"), quant=("w8", "w4")), out, progress=lines.append)
+    assert not any("pruning" in line for line in lines)  # the points came from cache
+    sizes = {s["point"]: s for s in size_rows(table_rows(result))}
+    assert set(sizes) == {f"{p}{q}" for p in ("dense", "width 25%", "wanda 25%") for q in ("", " w8", " w4")}
+    for point in ("dense", "width 25%"):
+        assert sizes[f"{point} w4"]["megabytes"] < sizes[f"{point} w8"]["megabytes"] < sizes[point]["megabytes"]
+        assert sizes[f"{point} w4"]["bits"] == 4 and sizes[point]["bits"] == 16
+    assert sizes["width 25%"]["megabytes"] < sizes["dense"]["megabytes"]
+    report = (out / "report.md").read_text()
+    assert "| dense w4 | 4 (group 32) |" in report or "| dense w4 | 4 (group" in report
+    assert (out / "points" / "width-0.25+w4.json").is_file()
+
+
+def test_study_refuses_an_unknown_quant_variant(tmp_path):
+    import pytest
+
+    from prunekit.errors import PrunekitError
+
+    with pytest.raises(PrunekitError, match="--quant: unknown"):
+        tiny_study(tmp_path, quant=("w5",))

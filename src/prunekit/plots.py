@@ -39,6 +39,9 @@ PANELS = (  # x key, x label, x higher is better, y key, y label, y higher is be
 )
 
 
+BIT_MARKERS = {8: "s", 4: "^", 3: "v", 2: "D"}  # 16-bit points stay circles
+
+
 def pareto(points: list[tuple[float, float]], x_high: bool, y_high: bool) -> list[tuple[float, float]]:
     """The points no other point beats on both axes, in x order."""
 
@@ -69,12 +72,17 @@ def _method_curves(ax, rows: list[dict], xk: str, yk: str, colours: dict) -> Non
                     ls=":" if recovered else "-", alpha=0.7, zorder=2)  # fmt: skip
 
 
-def study_png(rows: list[dict], title: str, chance: float | None = None) -> bytes:
+SIZE_PANEL = ("megabytes", "size (MB: quantized linears at their bits, the rest at 16)", False, "ppl", "perplexity",
+              False)  # fmt: skip
+
+
+def study_png(rows: list[dict], title: str, chance: float | None = None, sizes: list[dict] | None = None) -> bytes:
     """The study's views in one figure: perplexity against size, prefill and decode speed, and (when
     measured) zero-shot accuracy against size with the ``chance`` level of guessing; one colour per
     method, hollow markers for recovered points, the Pareto front as a thick grey line. Speed-ups carry
     their interquartile range as a bar; a ratio too spread to read is drawn grey with a "?" and left out
-    of the front."""
+    of the front. ``sizes`` (when some are quantized) adds perplexity against megabytes: every point at 16
+    bits and quantized, a marker per bit width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,23 +90,27 @@ def study_png(rows: list[dict], title: str, chance: float | None = None) -> byte
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
-    panels = [p for p in PANELS if any(r.get(p[3]) is not None for r in rows)]  # no empty panel
-    shape = (2, 2) if len(panels) == 4 else (1, len(panels))
-    fig, axes = plt.subplots(*shape, figsize=(11, 8) if len(panels) == 4 else (5.5 * len(panels), 4.6), dpi=110,
-                             squeeze=False)  # fmt: skip
-    for ax, (xk, xl, x_high, yk, yl, y_high) in zip(axes.flat, panels, strict=True):
-        usable = [r for r in rows if r.get(yk) is not None]
+    panels = [(p, rows) for p in PANELS if any(r.get(p[3]) is not None for r in rows)]  # no empty panel
+    if sizes and any(s["quant"] for s in sizes):
+        panels.append((SIZE_PANEL, sizes))
+    shape = (1, len(panels)) if len(panels) <= 3 else (2, -(-len(panels) // 2))
+    fig, axes = plt.subplots(*shape, figsize=(5.5 * shape[1], 4.6 * shape[0]), dpi=110, squeeze=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")  # an odd panel count leaves one cell empty: no empty axes drawn
+    for ax, ((xk, xl, x_high, yk, yl, y_high), panel_rows) in zip(axes.flat, panels, strict=False):
+        usable = [r for r in panel_rows if r.get(yk) is not None]
         readable = [r for r in usable if r.get(f"{xk}_readable", True)]
         for r in usable:
             colour = colours[r["method"]] if r in readable else "grey"
             face = "none" if r["recovered"] else colour
             if f"{xk}_q1" in r:  # the interquartile range of the per-round speed ratios
                 ax.plot([r[f"{xk}_q1"], r[f"{xk}_q3"]], [r[yk], r[yk]], color=colour, lw=1, alpha=0.6, zorder=2)
-            ax.scatter(r[xk], r[yk], s=40, edgecolors=colour, facecolors=face, zorder=3)
+            marker = BIT_MARKERS.get(r.get("bits"), "o")
+            ax.scatter(r[xk], r[yk], s=40, marker=marker, edgecolors=colour, facecolors=face, zorder=3)
             label = r["point"].split(" ", 1)[-1] if r["method"] != "dense" else "dense"
             ax.annotate(label + ("" if r in readable else " ?"), (r[xk], r[yk]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-        _method_curves(ax, readable, xk, yk, colours)
+        _method_curves(ax, [r for r in readable if r.get("bits", 16) == 16], xk, yk, colours)
         front = pareto([(r[xk], r[yk]) for r in readable], x_high, y_high)
         if front:
             ax.plot(*zip(*front, strict=True), ls="--", color="grey", lw=2.5, alpha=0.4, zorder=1)
@@ -116,11 +128,14 @@ def study_png(rows: list[dict], title: str, chance: float | None = None) -> byte
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[m], label=m) for m in methods]
     handles.append(plt.Line2D([], [], marker="o", ls="", markerfacecolor="none", color="black", label="recovered"))
+    if sizes and any(s["quant"] for s in sizes):
+        for bits in sorted({s["bits"] for s in sizes if s["quant"]}, reverse=True):
+            handles.append(plt.Line2D([], [], marker=BIT_MARKERS.get(bits, "o"), ls="", color="black", label=f"{bits}-bit"))
     handles.append(plt.Line2D([], [], ls="--", color="grey", lw=2.5, alpha=0.4, label="Pareto front"))
     handles.append(plt.Line2D([], [], marker="o", ls="-", color="grey", label="speed spread too wide (?)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if len(panels) < 4 else 0.04, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 if shape[0] == 1 else 0.04, 1, 0.95))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

@@ -44,6 +44,7 @@ from prunekit.models import get_adapter, parameter_counts
 from prunekit.plots import study_png
 from prunekit.recover import RecoverConfig, load_train_data, recover
 from prunekit.sequential import EngineConfig
+from prunekit.study_size import check_quant_variants, megabytes, quantized_point, size_lines, size_rows
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ class StudyConfig:
     """Speed: more rounds, up to this many, while a ratio's spread is too wide to read (a busy machine)."""
     threads: int | None = None
     """Speed: intra-op CPU threads while timing (default: torch's); recorded either way."""
+    quant: tuple[str, ...] = ()
+    """Also quantize dense and every point with GPTQ: w8 (8-bit, a scale per row) and/or w4 (4-bit, groups of 32), comma-separated; adds a perplexity-against-size panel."""
     progress: bool = field(default=True, metadata={"cli": False})  # progress bars for pruning and perplexity
 
     def __post_init__(self):
@@ -107,6 +110,7 @@ class StudyConfig:
             raise PrunekitError(f"--ratios must be fractions in (0, 1), got {list(self.ratios)}")
         if self.repeats < 3:
             raise PrunekitError(f"--repeats must be at least 3 (a spread needs rounds to compare), got {self.repeats}")
+        check_quant_variants(self.quant)
         if self.threads is not None and self.threads < 1:
             raise PrunekitError(f"--threads must be at least 1, got {self.threads}")
 
@@ -171,6 +175,8 @@ def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], No
         result.points.append(_cached(path, _key(provenance, name), compute, model_folder=path.with_suffix("")))
         names.append(name)
         progress(f"{name}: {_quality_summary(result.points[-1], dense_row)}")
+    for name, point in [("dense", dense_row), *zip(names, result.points, strict=True)]:
+        point["quantized"] = [_quantized(config, out / "points", provenance, name, q, text, progress) for q in config.quant]
     _time_points(result, names, dense, out / "points", config, progress)
     result.seconds = time.perf_counter() - start
     write_outputs(result, out)
@@ -205,6 +211,16 @@ def _point(config: StudyConfig, method: str, ratio: float, recover: str | None, 
     return row
 
 
+def _quantized(config: StudyConfig, folder: Path, provenance: dict, name: str, variant: str, text, progress) -> dict:
+    """Point ``name``'s model quantized as ``variant`` says, measured (cached like the points)."""
+
+    def compute():
+        model, tokenizer = load(config.model if name == "dense" else folder / name)
+        return quantized_point(model, tokenizer, name, variant, text, config, progress)
+
+    return _cached(folder / f"{name}+{variant}.json", _key(provenance, f"{name}+{variant}"), compute)
+
+
 def _recover(model, tokenizer, config: StudyConfig, mode: str, sparse: bool) -> dict:
 
     data = load_train_data(tokenizer, config.train_data, config.train_seqlen)
@@ -234,6 +250,7 @@ def _measure(model, tokenizer, text, config: StudyConfig) -> dict:
         "params": parameter_counts(model),
         "nonzero_non_embedding": _nonzero_non_embedding(model),
         "ppl": ppl.ppl,
+        "megabytes": megabytes(model),
     }
     if config.tasks:
         row["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(config.tasks), limit=config.task_limit).to_dict()
@@ -318,7 +335,7 @@ def _provenance(config: StudyConfig, text) -> dict:
     from prunekit import __version__
 
     folder = resolve_folder(config.model)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "ratios", "recover")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "ratios", "recover", "quant")}
     try:
         import lm_eval
 
@@ -379,6 +396,8 @@ def table_rows(result: StudyResult) -> list[dict]:
                 **_speedup_fields("prefill_speedup", speed["prefill_speedup"]),
                 **_speedup_fields("decode_speedup", speed["decode_speedup"]),
                 "zeroshot_avg": zeroshot,
+                "megabytes": point.get("megabytes"),
+                "quantized": point.get("quantized") or [],
             }
         )
     return rows
@@ -396,7 +415,8 @@ def write_outputs(result: StudyResult, out: Path) -> None:
     (out / "results.json").write_text(json.dumps({**result.to_dict(), "table": rows}, indent=2, default=str))
     (out / "report.md").write_text(markdown_report(result, rows))
     title = f"{result.provenance['model']}: width vs depth vs others"
-    (out / "study.png").write_bytes(study_png(rows, title=title, chance=zeroshot_chance(result)))
+    png = study_png(rows, title=title, chance=zeroshot_chance(result), sizes=size_rows(rows))
+    (out / "study.png").write_bytes(png)
 
 
 def _speedup_cell(row: dict, key: str) -> str:
@@ -434,7 +454,7 @@ def markdown_report(result: StudyResult, rows: list[dict]) -> str:
             + (zeroshot if zeroshot_column else "")
         )
     lines += ["", "![study](study.png)", ""]
-    lines += _recovery_lines(result) + _zeroshot_lines(result, rows)
+    lines += size_lines(size_rows(rows)) + _recovery_lines(result) + _zeroshot_lines(result, rows)
     lines.append(f"Provenance: `results.json`. Wall time {result.seconds:.0f} s.")
     return "\n".join(lines) + "\n"
 
