@@ -132,6 +132,7 @@ def demo_config(eval_data: str = "kjv", max_windows: int = 16) -> StudyConfig:
         prompt_tokens=256,
         new_tokens=16,
         repeats=5,
+        threads=1,  # two threads on two cores stall whenever anything else runs; one thread reads truer ratios
     )
 
 
