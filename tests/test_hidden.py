@@ -208,7 +208,7 @@ def direct_importance(model, ids) -> torch.Tensor:
     norms = [adapter.block(i).norm_before(part) for i in range(adapter.num_blocks()) for part in ("attention", "mlp")]
     norms.append(adapter.final_norm())
     activity = [ChannelActivity(64) for _ in norms]
-    handles = [n.register_forward_hook(lambda m, a, y, s=s: s.update(y)) for n, s in zip(norms, activity)]
+    handles = [n.register_forward_hook(lambda m, a, y, s=s: s.update(y)) for n, s in zip(norms, activity, strict=True)]
     with torch.no_grad():
         model(ids)
     for handle in handles:

@@ -31,7 +31,7 @@ from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.stats import on_outputs
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineReport
-from prunekit.surgery.channels import removal_problem, remove_hidden_channels
+from prunekit.surgery.channels import check_removable, remove_hidden_channels
 from prunekit.surgery.hidden import SHORTCUTS, hidden_width, norm_before, stream
 from prunekit.surgery.linear import in_features, out_features
 
@@ -152,9 +152,7 @@ class HiddenPlan:
 def hidden_prepare(config: HiddenConfig, model, calibration, engine) -> HiddenPlan:
     if is_lazy(model):
         raise PrunekitError("--method hidden cuts the embeddings and every block at the end; load without --lazy")
-    problem = removal_problem(model)
-    if problem:
-        raise PrunekitError(f"--method hidden cannot prune this {get_adapter(model).family} model: {problem}")
+    check_removable(model)  # before the calibration pass, not after it
     adapter = get_adapter(model)
     width = hidden_width(model)
     kept = config.kept_channels(width, channel_params(model), parameter_counts(model)["non_embedding"])

@@ -71,6 +71,14 @@ def removal_problem(model: nn.Module) -> str | None:
     return None
 
 
+def check_removable(model: nn.Module) -> None:
+    problem = removal_problem(model)
+    if problem:
+        raise PrunekitError(
+            f"hidden-size pruning cannot keep this {get_adapter(model).family} model's function: {problem}"
+        )
+
+
 @torch.no_grad()
 def remove_hidden_channels(model: nn.Module, keep) -> dict:
     """Keep only the residual channels ``keep`` (indices or a boolean mask over ``hidden_size``), in place.
@@ -78,9 +86,7 @@ def remove_hidden_channels(model: nn.Module, keep) -> dict:
     The result computes what ``model`` computed with the other channels zeroed (to rounding), its config
     says the new ``hidden_size`` (``head_dim`` explicit, ``rms_norm_eps`` corrected), and a tied head stays
     tied. Returns the config values written."""
-    problem = removal_problem(model)
-    if problem:
-        raise PrunekitError(f"hidden-size pruning cannot keep this {get_adapter(model).family} model's function: {problem}")
+    check_removable(model)
     adapter = get_adapter(model)
     width = hidden_width(model)
     keep = sorted_unique(keep, width, "hidden channels")
@@ -116,7 +122,7 @@ def _scale_and_keep(module: nn.Module, dim: int, keep: torch.Tensor, factor: flo
 
 
 def _correct_norm(norm: nn.Module, keep: torch.Tensor, factor: float, eps_factor: float, offset: float) -> None:
-    """Slice a norm to ``keep`` and multiply its gain ``offset + weight`` by ``factor`` and its eps by ``eps_factor``."""
+    """Slice a norm to ``keep``; multiply its gain ``offset + weight`` by ``factor``, its eps by ``eps_factor``."""
     weight = norm.weight.index_select(0, keep.to(norm.weight.device))
     replace_parameter(norm, "weight", ((offset + weight.double()) * factor - offset).to(weight.dtype))
     set_norm_eps(norm, norm_eps(norm) * eps_factor)
@@ -161,4 +167,3 @@ def _write_config(model: nn.Module, kept: int, head_dim: int, eps_factor: float,
     for key, value in values.items():
         setattr(config, key, value)
     return values
-
