@@ -96,14 +96,31 @@ def test_rms_correction_makes_the_narrow_norm_equal_the_masked_wide_one():
 
 
 def test_kept_channels_round_to_the_target():
-    assert HiddenConfig(ratio=0.1).kept_channels(576, 1, 1) == 512  # 518.4 -> nearest multiple of 32
-    assert HiddenConfig(ratio=0.2).kept_channels(576, 1, 1) == 448  # 460.8
-    assert HiddenConfig(ratio=0.2, round_to=8).kept_channels(576, 1, 1) == 464
+    assert HiddenConfig(ratio=0.1, round_to=32).kept_channels(576, 1, 1) == 512  # 518.4 -> nearest multiple of 32
+    assert HiddenConfig(ratio=0.2, round_to=32).kept_channels(576, 1, 1) == 448  # 460.8
+    assert HiddenConfig(ratio=0.2).kept_channels(576, 1, 1) == 464  # --round-to 8 by default
     assert HiddenConfig(hidden_size=320).kept_channels(576, 1, 1) == 320
     # 1000 parameters per channel, 576k in all: removing 20% is 115.2 channels -> 460.8 kept -> 448
-    assert HiddenConfig(target_params=0.2).kept_channels(576, 1000, 576_000) == 448
+    assert HiddenConfig(target_params=0.2, round_to=32).kept_channels(576, 1000, 576_000) == 448
     # other parameters (reader biases, q/k norms) count in the total: 30% of 600k is 180 channels -> 396 -> 384
-    assert HiddenConfig(target_params=0.3).kept_channels(576, 1000, 600_000) == 384
+    assert HiddenConfig(target_params=0.3, round_to=32).kept_channels(576, 1000, 600_000) == 384
+
+
+def test_kept_channels_are_the_nearest_width_the_config_can_describe():
+    """Llama's config wants hidden_size a multiple of the head count: SmolLM2's 9 heads and --round-to 8 leave
+    multiples of 72."""
+    nine = lambda kept: None if kept % 9 == 0 else f"{kept} is not a multiple of 9"  # noqa: E731
+    assert HiddenConfig(ratio=0.1).kept_channels(576, 1, 1, nine) == 504  # 518.4: 504 nearer than 576
+    assert HiddenConfig(ratio=0.2).kept_channels(576, 1, 1, nine) == 432  # 460.8: 432 nearer than 504
+    assert HiddenConfig(ratio=0.4).kept_channels(576, 1, 1, nine) == 360  # 345.6
+    with pytest.raises(PrunekitError) as caught:
+        HiddenConfig(hidden_size=512).kept_channels(576, 1, 1, nine)
+    assert str(caught.value) == (
+        "--hidden-size 512: the config cannot say 512 hidden channels (512 is not a multiple of 9); of the "
+        "multiples of --round-to 8, the nearest it takes is 504 (a smaller --round-to allows more)"
+    )
+    with pytest.raises(PrunekitError, match="it takes none of them"):
+        HiddenConfig(ratio=0.2, round_to=32).kept_channels(576, 1, 1, lambda kept: "no")
 
 
 @pytest.mark.parametrize(
@@ -114,7 +131,7 @@ def test_kept_channels_round_to_the_target():
         ({"ratio": 1.5}, "--ratio must be a fraction in (0, 1), got 1.5"),
         ({"ratio": 0.0}, "--ratio must be a fraction in (0, 1)"),
         ({"target_params": -0.1}, "--target-params must be a fraction in (0, 1)"),
-        ({"hidden_size": 500}, "--hidden-size must be a positive multiple of --round-to 32, got 500"),
+        ({"hidden_size": 500}, "--hidden-size must be a positive multiple of --round-to 8, got 500"),
         ({"ratio": 0.2, "round_to": 0}, "--round-to must be at least 1"),
     ],
 )
@@ -127,10 +144,10 @@ def test_bad_settings_are_one_line_errors(options, message):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"ratio": 0.8}, "--ratio 0.8 would keep 128 of the 576 hidden channels, under a quarter"),
-        ({"ratio": 0.99}, "--ratio 0.99 keeps 0 of the 576 hidden channels"),
-        ({"ratio": 0.01}, "keeps 576 of the 576 hidden channels (a multiple of --round-to 32); choose a target that "
-                          "keeps between 32 and 544"),
+        ({"ratio": 0.8}, "--ratio 0.8 would keep 112 of the 576 hidden channels, under a quarter"),
+        ({"ratio": 0.99, "round_to": 32}, "--ratio 0.99 keeps 0 of the 576 hidden channels"),
+        ({"ratio": 0.01, "round_to": 32}, "keeps 576 of the 576 hidden channels (a multiple of --round-to 32); choose "
+                                          "a target that keeps between 32 and 544"),
         ({"hidden_size": 640}, "--hidden-size 640 keeps 640 of the 576"),
     ],
 )  # fmt: skip
@@ -138,7 +155,7 @@ def test_targets_that_keep_too_little_or_everything_are_refused(options, message
     with pytest.raises(PrunekitError) as caught:
         HiddenConfig(**options).kept_channels(576, 1, 1)
     assert message in str(caught.value) and "\n" not in str(caught.value)
-    assert HiddenConfig(ratio=0.8, force=True).kept_channels(576, 1, 1) == 128
+    assert HiddenConfig(ratio=0.8, force=True).kept_channels(576, 1, 1) == 112
 
 
 # -- the surgery is the masked model -----------------------------------------------------------------
@@ -187,16 +204,27 @@ def test_head_dim_is_written_where_the_config_derived_it(family):
     assert json.loads(model.config.to_json_string())["head_dim"] == 16
 
 
+def test_a_width_the_config_refuses_is_refused_before_anything_is_cut():
+    model = tiny_model("llama")  # 4 heads: LlamaConfig wants hidden_size a multiple of 4, head_dim explicit or not
+    expected = logits(model)
+    message = r"hidden size of 42: LlamaConfig refuses it: The hidden size \(42\) is not a multiple of .* heads \(4\)"
+    with pytest.raises(PrunekitError, match=message):
+        remove_hidden_channels(model, torch.arange(42))
+    assert torch.equal(logits(model), expected)
+    with pytest.raises(PrunekitError, match="--hidden-size 42: the config cannot .* the nearest it takes is 44"):
+        prune(model, HiddenConfig(hidden_size=42, round_to=2), calibration(), ENGINE)
+
+
 def test_layernorm_and_sliced_models_are_refused():
     for family in ("opt", "gpt2"):
         with pytest.raises(PrunekitError, match="LayerNorms subtract the mean over all channels"):
-            prune(tiny_model(family), HiddenConfig(ratio=0.25, round_to=8), calibration(), ENGINE)
+            prune(tiny_model(family), HiddenConfig(ratio=0.25), calibration(), ENGINE)
     from prunekit.methods import SliceGPTConfig
 
     sliced = tiny_model("llama")
     prune(sliced, SliceGPTConfig(slice=0.25), calibration(), ENGINE)
     with pytest.raises(PrunekitError, match="rotated and sliced by SliceGPT"):
-        prune(sliced, HiddenConfig(ratio=0.25, round_to=8), calibration(), ENGINE)
+        prune(sliced, HiddenConfig(ratio=0.25), calibration(), ENGINE)
 
 
 # -- the method ------------------------------------------------------------------------------------
@@ -225,7 +253,7 @@ def test_the_engine_measures_the_importance_a_plain_forward_gives_and_removes_th
     expected = direct_importance(model, calib.tokens)
     before = parameter_counts(model)
     per_channel = channel_params(model)
-    result = prune(model, HiddenConfig(ratio=0.25, round_to=8), calib, EngineConfig(progress=False, batch_size=4))
+    result = prune(model, HiddenConfig(ratio=0.25), calib, EngineConfig(progress=False, batch_size=4))
     report = result.outside_blocks["hidden_size"]
     assert torch.allclose(torch.tensor(report["importance"], dtype=torch.float64), expected, rtol=1e-5)
     assert report["removed"] == sorted(torch.argsort(expected)[:16].tolist())
@@ -237,7 +265,7 @@ def test_the_engine_measures_the_importance_a_plain_forward_gives_and_removes_th
 def test_target_params_removes_that_share_of_the_non_embedding_parameters():
     model = tiny_model("qwen2")  # q/k/v biases: parameters that do not scale with the width
     before = parameter_counts(model)["non_embedding"]
-    prune(model, HiddenConfig(target_params=0.25, round_to=8), calibration(), ENGINE)
+    prune(model, HiddenConfig(target_params=0.25), calibration(), ENGINE)
     removed = 1 - parameter_counts(model)["non_embedding"] / before
     assert model.config.hidden_size == 48 and removed == pytest.approx(0.25, abs=0.01)
     assert "hidden" in study_variants() and study_variants()["hidden"](0.2) == HiddenConfig(target_params=0.2)
@@ -246,7 +274,7 @@ def test_target_params_removes_that_share_of_the_non_embedding_parameters():
 def test_an_interrupted_run_resumes_to_the_same_model(tmp_path):
     from prunekit.methods import METHODS
 
-    config = HiddenConfig(ratio=0.25, round_to=8)
+    config = HiddenConfig(ratio=0.25)
     reference = tiny_model("llama")
     expected = prune(reference, config, calibration(), ENGINE)
     engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
@@ -275,7 +303,7 @@ def test_lazy_loading_is_refused(tmp_path):
     lazy, _ = load(tmp_path / "src", lazy=True)
     engine = EngineConfig(progress=False, checkpoint_dir=tmp_path / "ckpt")
     with pytest.raises(PrunekitError, match="load without --lazy"):
-        prune(lazy, HiddenConfig(ratio=0.25, round_to=8), calibration(), engine)
+        prune(lazy, HiddenConfig(ratio=0.25), calibration(), engine)
 
 
 # -- the command line --------------------------------------------------------------------------------
@@ -288,7 +316,7 @@ def test_cli_prunes_and_both_prunekit_and_transformers_load_the_result(tmp_path)
     corpus.write_text(SAMPLE_TEXT)
     out = tmp_path / "h"
     common = ["prune", "--model", str(folder), "--method", "hidden", "--device", "cpu", "--calib", str(corpus)]
-    result = run(*common, "--ratio", "0.25", "--round-to", "8", "--nsamples", "4", "--seqlen", "16", "--out", str(out))
+    result = run(*common, "--ratio", "0.25", "--nsamples", "4", "--seqlen", "16", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "hidden size  64 -> 48" in result.stdout
     manifest = json.loads((out / "prunekit.json").read_text())

@@ -19,7 +19,9 @@ the masked model, a standard config that stock transformers loads).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -31,7 +33,7 @@ from prunekit.methods.registry import MethodConfig, register
 from prunekit.methods.stats import on_outputs
 from prunekit.models import get_adapter, parameter_counts
 from prunekit.sequential import EngineReport
-from prunekit.surgery.channels import check_removable, remove_hidden_channels
+from prunekit.surgery.channels import check_removable, remove_hidden_channels, width_problem
 from prunekit.surgery.hidden import SHORTCUTS, hidden_width, norm_before, stream
 from prunekit.surgery.linear import in_features, out_features
 
@@ -47,8 +49,8 @@ class HiddenConfig(MethodConfig):
     """Instead of --ratio: the fraction of non-embedding parameters to remove."""
     hidden_size: int | None = None
     """Instead of --ratio: the number of hidden channels to keep (a multiple of --round-to)."""
-    round_to: int = 32
-    """Keep a multiple of this many hidden channels (32: rows stay whole blocks for GGUF's q8_0 / q4_0)."""
+    round_to: int = 8
+    """Keep a multiple of this many hidden channels (32 keeps rows whole blocks for GGUF's q8_0 / q4_0)."""
     force: bool = False
     """Accept a target that keeps under a quarter of the hidden channels (refused otherwise)."""
     method: ClassVar[str] = "hidden"
@@ -75,21 +77,31 @@ class HiddenConfig(MethodConfig):
                 "(pass --round-to 1 to allow any width)"
             )
 
-    def kept_channels(self, width: int, per_channel: int, non_embedding: int) -> int:
+    def kept_channels(self, width: int, per_channel: int, non_embedding: int, problem=lambda kept: None) -> int:
         """The hidden channels to keep of ``width``: the explicit size, or the multiple of ``round_to`` nearest
-        the target (``per_channel`` non-embedding parameters go with each channel, of ``non_embedding``)."""
+        the target (``per_channel`` non-embedding parameters go with each channel, of ``non_embedding``) that
+        the model's config can describe (``problem(kept)`` says why it cannot, or ``None``)."""
         if self.hidden_size is not None:
-            kept, asked = self.hidden_size, f"--hidden-size {self.hidden_size}"
+            wanted, asked = self.hidden_size, f"--hidden-size {self.hidden_size}"
         elif self.ratio is not None:
-            kept, asked = nearest_multiple((1 - self.ratio) * width, self.round_to), f"--ratio {self.ratio}"
+            wanted, asked = (1 - self.ratio) * width, f"--ratio {self.ratio}"
         else:
             wanted = width - self.target_params * non_embedding / per_channel
-            kept, asked = nearest_multiple(wanted, self.round_to), f"--target-params {self.target_params}"
-        if not 0 < kept < width:
+            asked = f"--target-params {self.target_params}"
+        rounded = nearest_multiple(wanted, self.round_to)
+        if not 0 < rounded < width:
             largest = (width - 1) // self.round_to * self.round_to
             raise PrunekitError(
-                f"{asked} keeps {kept} of the {width} hidden channels (a multiple of --round-to {self.round_to}); "
+                f"{asked} keeps {rounded} of the {width} hidden channels (a multiple of --round-to {self.round_to}); "
                 f"choose a target that keeps between {self.round_to} and {largest}"
+            )
+        by_distance = sorted(range(self.round_to, width, self.round_to), key=lambda k: (abs(k - wanted), -k))
+        kept = next((k for k in by_distance if problem(k) is None), None)
+        if kept is None or (self.hidden_size is not None and kept != self.hidden_size):
+            nearest = f"the nearest it takes is {kept}" if kept else "it takes none of them"
+            raise PrunekitError(
+                f"{asked}: the config cannot say {rounded} hidden channels ({problem(rounded)}); of the multiples of "
+                f"--round-to {self.round_to}, {nearest} (a smaller --round-to allows more)"
             )
         if kept < MIN_KEPT * width and not self.force:
             raise PrunekitError(
@@ -100,7 +112,8 @@ class HiddenConfig(MethodConfig):
 
 
 def nearest_multiple(value: float, step: int) -> int:
-    return int(round(value / step)) * step
+    """The multiple of ``step`` nearest ``value`` (halves go up)."""
+    return math.floor(value / step + 0.5) * step
 
 
 # -- the math ---------------------------------------------------------------------------------------
@@ -155,7 +168,8 @@ def hidden_prepare(config: HiddenConfig, model, calibration, engine) -> HiddenPl
     check_removable(model)  # before the calibration pass, not after it
     adapter = get_adapter(model)
     width = hidden_width(model)
-    kept = config.kept_channels(width, channel_params(model), parameter_counts(model)["non_embedding"])
+    per_channel, total = channel_params(model), parameter_counts(model)["non_embedding"]
+    kept = config.kept_channels(width, per_channel, total, partial(width_problem, model))
     return HiddenPlan(config, width, kept, adapter.final_norm(), adapter.num_blocks() - 1)
 
 

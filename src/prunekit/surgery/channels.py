@@ -91,7 +91,9 @@ def remove_hidden_channels(model: nn.Module, keep) -> dict:
     width = hidden_width(model)
     keep = sorted_unique(keep, width, "hidden channels")
     kept = keep.numel()
-    head_dim = adapter.block(0).attention.head_dim
+    reloaded, values = _config_at(model, kept)
+    if reloaded is None:  # before anything is cut
+        raise PrunekitError(f"this model's config cannot describe a hidden size of {kept}: {values}")
     before = _mismatches(model, model.config)  # e.g. per-block widths a shape manifest carries: not ours
     parts = stream(model)
     tied = parts.head.weight is parts.embeddings[0].weight
@@ -111,7 +113,7 @@ def remove_hidden_channels(model: nn.Module, keep) -> dict:
         head_factor = embedding_factor if (tied and norm is parts.norms[-1]) else 1.0
         _correct_norm(norm, keep, gain / head_factor, eps_factor, adapter.norm_gain_offset)
     _correct_qk_norms(model, gain, eps_factor)
-    values = _write_config(model, kept, head_dim, eps_factor, before)
+    _write_config(model, reloaded, values, before)
     adapter.rebuild_embedding_scale()
     return values
 
@@ -147,23 +149,40 @@ def _mismatches(model: nn.Module, config) -> set[str]:
     return {name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name)}
 
 
-def _write_config(model: nn.Module, kept: int, head_dim: int, eps_factor: float, before: set[str]) -> dict:
-    """Write the new width into the config, once a JSON round trip of it is proven to build this model's stream.
+def width_problem(model: nn.Module, kept: int) -> str | None:
+    """Why the model's config cannot say ``kept`` hidden channels (``None`` when it can), e.g. Llama's and
+    Gemma 3's configs insist on a multiple of the head count even with ``head_dim`` explicit."""
+    reloaded, why = _config_at(model, kept)
+    return None if reloaded is not None else why
+
+
+def _config_at(model: nn.Module, kept: int) -> tuple[object, dict | str]:
+    """(the config at ``kept`` channels as a save and reload gives it back, the values to write), or (None, why not).
 
     ``head_dim`` is written explicitly: families that derive it from ``hidden_size // num_attention_heads``
     would otherwise build heads of another size."""
     config = base_config(model.config)
+    _, eps_factor = rms_correction(hidden_width(model), kept)
+    head_dim = get_adapter(model).block(0).attention.head_dim
     values = {"hidden_size": kept, "head_dim": head_dim, "rms_norm_eps": config.rms_norm_eps * eps_factor}
     candidate = copy.deepcopy(config)
     for key, value in values.items():
         setattr(candidate, key, value)
-    reloaded = type(candidate).from_dict(json.loads(candidate.to_json_string()))
-    lost = {key: getattr(reloaded, key, None) for key in values if getattr(reloaded, key, None) != values[key]}
+    try:
+        reloaded = type(candidate).from_dict(json.loads(candidate.to_json_string()))
+    except Exception as err:  # config validators raise ValueError, huggingface_hub's strict ones a bare Exception
+        return None, f"{type(config).__name__} refuses it: {str(err.__cause__ or err).strip().splitlines()[-1]}"
+    lost = [key for key in values if getattr(reloaded, key, None) != values[key]]
+    if lost:
+        return None, f"{type(config).__name__} does not keep {', '.join(lost)} through a save and reload"
+    return reloaded, values
+
+
+def _write_config(model: nn.Module, reloaded, values: dict, before: set[str]) -> None:
+    """Write ``values`` into the config, once ``reloaded`` (its JSON round trip) is proven to build the cut model."""
     new = _mismatches(model, reloaded) - before
-    if lost or new:
-        raise SurgeryError(
-            f"the config cannot describe the pruned stream: {lost or ''} {sorted(new)[:3]} after a save and reload"
-        )
+    if new:
+        raise SurgeryError(f"the config at hidden size {values['hidden_size']} builds other shapes: {sorted(new)[:3]}")
+    config = base_config(model.config)
     for key, value in values.items():
         setattr(config, key, value)
-    return values
