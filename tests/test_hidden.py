@@ -298,6 +298,25 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path):
     assert torch.equal(logits(model), logits(reference))
 
 
+def test_a_model_with_per_block_widths_keeps_its_shape_manifest_after_the_cut(tmp_path):
+    """Width pruning with global allocation leaves blocks of different widths (a shape manifest); the hidden cut
+    goes through every block alike and prunekit.load rebuilds the result."""
+    from prunekit import save_pruned
+    from prunekit.methods import WidthConfig
+    from tiny_models import tiny_tokenizer
+
+    model = tiny_model("llama")
+    prune(model, WidthConfig(target_params=0.3, allocation="global", prune_heads=True), calibration(), ENGINE)
+    widths = [linear_weight(layer.mlp.down_proj).shape[1] for layer in model.model.layers]
+    assert len(set(widths)) > 1
+    prune(model, HiddenConfig(ratio=0.25), calibration(), ENGINE)
+    out = save_pruned(model, tiny_tokenizer(), tmp_path / "wh", {"method": "hidden"})
+    loaded, _ = load(out)
+    assert loaded.config.hidden_size == 48
+    assert [linear_weight(layer.mlp.down_proj).shape[1] for layer in loaded.model.layers] == widths
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_lazy_loading_is_refused(tmp_path):
     save_tiny(tmp_path / "src", "llama")
     lazy, _ = load(tmp_path / "src", lazy=True)
