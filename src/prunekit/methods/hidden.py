@@ -1,14 +1,15 @@
 """Hidden-size pruning (Minitron: Muralidharan et al. 2024, Sreenivas et al. 2024): remove the residual-stream
 channels the calibration data uses least, from the embeddings, every norm, reader and writer, and the head.
 
-Importance (what Minitron calls embedding-channel importance, as NVIDIA's Model Optimizer computes it): the
-stream is only ever read through a norm, so a channel matters as much as the normalised signal the sub-layers
-and the head read from it. For every norm whose output is read (each block's attention and MLP input norms,
-and the final norm before the head), per calibration sample the mean of ``|norm output|`` over its tokens,
-then the L2 norm of that over the samples (Minitron's best aggregation: mean over the sequence, L2 over
-the batch); the importance of a channel is the sum of that over all those norms. The norms' gains are
-included, as they are in what the readers see. Gemma 3's sandwich norms (after attention and MLP) are
-left out: they normalise what a sub-layer writes, which the next norm's output already reflects.
+Importance (Minitron's embedding-channel importance): the stream is only ever read through a norm, so a
+channel matters as much as the normalised signal the sub-layers and the head read from it. For every norm
+whose output is read (each block's attention and MLP input norms, and the final norm before the head), per
+calibration sample the mean of ``|norm output|`` over its tokens, then the L2 norm of that over the samples
+(mean over the sequence, L2 over the batch, the aggregation NVIDIA's Model Optimizer uses); a channel's
+importance is the sum of that over all those norms. The norms' gains are included, as they are in what the
+readers see. Model Optimizer hooks the block norms only; the final norm is added here because the head reads
+the stream through it alone. Gemma 3's sandwich norms (after attention and MLP) are left out: they
+normalise what a sub-layer writes, which the next norm's output already reflects.
 
 The run: one pass of the sequential engine over the unchanged blocks collects the statistics with forward
 hooks (the accumulated importance travels in the engine's checkpointed carry, so a run resumes); the
