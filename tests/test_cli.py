@@ -399,6 +399,13 @@ BAD_INPUTS = [
       "--out", "{tmp}/o"], "would keep 16 of the 256 MLP neurons of the pruned blocks (6.2%), under a tenth"),
     (["prune", "--model", "{tiny}", "--method", "width", "--target-params", "0.3", "--intermediate-size", "64",
       "--out", "{tmp}/o"], "not both"),
+    (["prune", "--model", "{tiny}", "--method", "hidden", "--calib", "{corpus}", "--ratio", "1.5", "--out", "{tmp}/o"],
+     "--ratio must be a fraction in (0, 1), got 1.5"),
+    (["prune", "--model", "{tiny}", "--method", "hidden", "--calib", "{corpus}", "--hidden-size", "8", "--round-to",
+      "8", "--nsamples", "2", "--seqlen", "16", "--out", "{tmp}/o"],
+     "--hidden-size 8 would keep 8 of the 64 hidden channels, under a quarter"),
+    (["prune", "--model", "{tiny}", "--method", "hidden", "--calib", "{corpus}", "--ratio", "0.2", "--target-params",
+      "0.2", "--out", "{tmp}/o"], "exactly one of --ratio, --target-params or --hidden-size"),
     # recovery
     (["recover", "--model", "{tiny}", "--data", "{corpus}", "--steps", "0", "--out", "{tmp}/o"], "--steps"),
     (["recover", "--model", "{tiny}", "--data", "{corpus}", "--lora-r", "0", "--out", "{tmp}/o"], "--lora-r must be"),

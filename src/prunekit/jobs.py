@@ -236,6 +236,8 @@ def prune_job(
         metrics["blocks"] = shapes
     if "ranking" in result.outside_blocks:  # depth: reusable with --ranking-from
         metrics["ranking"] = result.outside_blocks["ranking"]
+    if "hidden_size" in result.outside_blocks:  # SliceGPT, hidden: the stream's width before and after
+        metrics["hidden_size"] = result.outside_blocks["hidden_size"]
     metrics["prune_seconds"] = result.seconds
     if evaluation is not None:
         metrics["ppl_after"] = evaluation.measure(model, tokenizer)
@@ -473,6 +475,8 @@ def describe_prune(report: dict) -> str:
     if "ranking" in m:
         removed = ", ".join(f"{b['removed']} {b['block']}" for b in m.get("blocks", []))
         lines.append(f"removed      {removed} (ranking reusable: --ranking-from {report['out']}/prunekit.json)")
+    if "hidden_size" in m:
+        lines.append(f"hidden size  {m['hidden_size']['before']} -> {m['hidden_size']['after']}")
     lines.append(f"pruning time {m['prune_seconds']:.1f} s")
     if "ppl_before" in m:
         before, after = m["ppl_before"], m["ppl_after"]

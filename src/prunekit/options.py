@@ -88,7 +88,7 @@ def _parameter(name: str, classes: list[type], label, prefix: str, unset: bool) 
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     kind, repeated = _option_type(typing.get_type_hints(cls)[name])
     labels = ", ".join(filter(None, dict.fromkeys(label(c) for c in classes)))
-    help_text = (f"{labels}: " if labels else "") + field_docs(cls).get(name, "") + (_default_text(f) if unset else "")
+    help_text = _shared_help(name, classes, label, unset)
     dashed = (prefix + name).replace("_", "-")
     flag = f.metadata.get("flag") or (f"--{dashed}/--no-{dashed}" if kind is bool else f"--{dashed}")
     default = None if unset else (... if f.default is dataclasses.MISSING else f.default)
@@ -97,6 +97,18 @@ def _parameter(name: str, classes: list[type], label, prefix: str, unset: bool) 
     if unset or f.default is None:
         annotation = Optional[annotation]
     return inspect.Parameter(prefix + name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _shared_help(name: str, classes: list[type], label, unset: bool) -> str:
+    """``labels: docstring (default)``; where the classes sharing a field say different things, each one's
+    (``--round-to`` rounds an MLP width for width, a hidden size for slicegpt and hidden)."""
+    said: dict[str, list[str]] = {}
+    for cls in classes:
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        text = field_docs(cls).get(name, "") + (_default_text(f) if unset else "")
+        said.setdefault(text, []).append(label(cls))
+    parts = [(", ".join(filter(None, dict.fromkeys(owners))), text) for text, owners in said.items()]
+    return " | ".join(f"{owners}: {text}" if owners else text for owners, text in parts)
 
 
 def _default_text(f: dataclasses.Field) -> str:

@@ -11,7 +11,7 @@ study writes ``results.json`` (every point and its provenance), ``report.md`` (t
 parameters when tasks were given; Pareto fronts marked).
 
 What a ratio means per method: the fraction of non-embedding parameters removed for ``width``,
-``width-mlp`` and ``depth``; the sparsity for ``wanda``, ``sparsegpt`` and ``magnitude`` (their dense
+``width-mlp``, ``depth`` and ``hidden``; the sparsity for ``wanda``, ``sparsegpt`` and ``magnitude`` (their dense
 kernels gain no speed, and their size counts non-zero weights); the fraction of the hidden size sliced
 for ``slicegpt`` (whose shortcuts and untied head take back part of the savings: its points sit where
 their measured parameters put them). Width and depth are thereby matched in parameters, as the research

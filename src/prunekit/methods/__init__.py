@@ -103,6 +103,7 @@ from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 from prunekit.methods.depth import DepthConfig  # noqa: E402
 from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
+from prunekit.methods.hidden import HiddenConfig  # noqa: E402
 from prunekit.methods.gptq import GPTQConfig  # noqa: E402
 
 # isort: on
@@ -117,6 +118,7 @@ __all__ = [
     "METHODS",
     "DepthConfig",
     "GPTQConfig",
+    "HiddenConfig",
     "MagnitudeConfig",
     "PruneResult",
     "SliceGPTConfig",

@@ -86,6 +86,20 @@ def on_inputs(linears: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch
             handle.remove()
 
 
+@contextmanager
+def on_outputs(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, module, output)`` after each forward of each module; hooks removed on exit."""
+    handles = [
+        module.register_forward_hook(lambda module, args, output, name=name: fn(name, module, output))
+        for name, module in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
     """Wanda's score: |W| scaled by the L2 norm of each input feature, [out, in] * [in] (OWL ranks blocks by it too)."""
     return weight.detach().abs().float() * input_norms.float().unsqueeze(0)

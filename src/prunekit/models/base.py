@@ -93,7 +93,12 @@ class Block:
     index: int
     attention: Attention
     mlp: Mlp
-    norms: dict[str, nn.Module]
+    norms: dict[str, nn.Module]  # every norm over the residual width, by the family's names
+    mlp_norm: str = "post_attention"  # the key of the norm whose output the MLP reads
+
+    def norm_before(self, part: str) -> nn.Module:
+        """The norm whose output ``part`` ("attention" or "mlp") reads."""
+        return self.norms["input" if part == "attention" else self.mlp_norm]
 
     def linears(self) -> dict[str, nn.Module]:
         """Every linear layer of the block, keyed by its name inside the block."""
@@ -110,6 +115,8 @@ class ModelAdapter:
     embedding_paths: ClassVar[tuple[str, ...]] = ()
     lm_head_path: ClassVar[str] = "lm_head"
     mlp_width_key: ClassVar[str] = "intermediate_size"  # the config's name for the MLP width (OPT: ffn_dim)
+    mlp_norm: ClassVar[str] = "post_attention"  # which of ``norms()`` feeds the MLP (Gemma 3: pre_feedforward)
+    norm_gain_offset: ClassVar[float] = 0.0  # a norm multiplies by (offset + weight): Gemma's RMSNorm by (1 + w)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -138,13 +145,21 @@ class ModelAdapter:
 
     def block(self, index: int) -> Block:
         module = self.blocks()[index]
-        return Block(module, index, heads_from_weights(self.attention(module)), self.mlp(module), self.norms(module))
+        attention = heads_from_weights(self.attention(module))
+        return Block(module, index, attention, self.mlp(module), self.norms(module), self.mlp_norm)
 
     def lora_targets(self) -> tuple[str, ...]:
         """LoRA's target module names: every linear of the blocks, as LLM-Pruner adapts all seven of a Llama block
         (GPT-2: c_attn, c_proj, c_fc; OPT: q/k/v/out_proj, fc1, fc2; Phi-3: qkv_proj, o_proj, gate_up_proj, ...)."""
         names = {name.rsplit(".", 1)[-1] for name, module in self.blocks().named_modules() if is_linear(module)}
         return tuple(sorted(names))
+
+    def embedding_scale(self, hidden_size: int) -> float:
+        """What the family multiplies the embeddings' output by in a model ``hidden_size`` wide (Gemma: its root)."""
+        return 1.0
+
+    def rebuild_embedding_scale(self) -> None:
+        """Give the embeddings the scale a model built from the current config has (after ``hidden_size`` changed)."""
 
     def rotation_problem(self) -> str | None:
         """Why rotating the residual stream (SliceGPT) would change this model's function; ``None`` if it would not."""

@@ -11,6 +11,17 @@ from prunekit.models.llama import LlamaAdapter
 class Gemma3Adapter(LlamaAdapter):
     model_types = ("gemma3_text",)
     family = "Gemma 3"
+    mlp_norm = "pre_feedforward"  # post_attention normalises the attention's output before the residual add
+    norm_gain_offset = 1.0  # Gemma3RMSNorm scales by (1 + weight)
+
+    def embedding_scale(self, hidden_size):
+        return hidden_size**0.5  # Gemma3TextScaledWordEmbedding, built with sqrt(config.hidden_size)
+
+    def rebuild_embedding_scale(self):
+        embedding = self.embeddings()[0]
+        scale = self.embedding_scale(self.config.hidden_size)
+        embedding.scalar_embed_scale = scale  # what its init re-fills the buffer with
+        embedding.embed_scale.fill_(scale)
 
     def norms(self, block):
         names = (

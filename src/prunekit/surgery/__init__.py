@@ -5,5 +5,6 @@
   config describes a model's weights, which every edit that rewrites a config runs.
 - ``width``: MLP neurons and attention heads of a block; a uniform result written into the config.
 - ``depth``: whole blocks, or a block's attention or MLP sub-layer.
-- ``hidden``: SliceGPT's rotation and slicing of the residual stream (computational invariance).
+- ``hidden``: what touches the residual stream (``stream``); SliceGPT's rotation and slicing of it.
+- ``channels``: Minitron's hidden-size pruning: residual channels deleted exactly as if zeroed (RMSNorm corrected).
 """

@@ -22,6 +22,7 @@ is normalised as the full one was. All fusions run in float64 and are cast back 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -81,7 +82,40 @@ def writer(block: Block, part: str) -> nn.Module:
 
 
 def norm_before(block: Block, part: str) -> nn.Module:
-    return block.norms["input" if part == "attention" else "post_attention"]
+    return block.norm_before(part)
+
+
+@dataclass
+class Stream:
+    """Every module that touches the residual stream, by what it does with it. Hidden-size surgery (SliceGPT's
+    slicing, Minitron's channel removal) cuts all of them along the stream's width, and only them."""
+
+    embeddings: list[nn.Module]  # write it: weight [vocab or positions, width]
+    readers: list[nn.Module]  # linears that read it through a norm: input features
+    writers: list[nn.Module]  # linears whose output is added to it: output features and bias
+    norms: list[nn.Module]  # every norm over its width, the final one last: weight (and LayerNorm's bias)
+    head: nn.Module  # reads the final norm's output: input features
+
+
+def stream(model: nn.Module) -> Stream:
+    adapter = get_adapter(model)
+    blocks = [adapter.block(i) for i in range(adapter.num_blocks())]
+    return Stream(
+        embeddings=adapter.embeddings(),
+        readers=[linear for b in blocks for part in SHORTCUTS for linear in readers(b, part)],
+        writers=[writer(b, part) for b in blocks for part in SHORTCUTS],
+        norms=[norm for b in blocks for norm in b.norms.values()] + [adapter.final_norm()],
+        head=adapter.lm_head(),
+    )
+
+
+def norm_eps(norm: nn.Module) -> float:
+    """The epsilon of a norm: LayerNorm's and Gemma's ``eps``, the other RMSNorms' ``variance_epsilon``."""
+    return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+
+
+def set_norm_eps(norm: nn.Module, eps: float) -> None:
+    setattr(norm, "eps" if hasattr(norm, "eps") else "variance_epsilon", eps)
 
 
 def check_invariant(model: nn.Module) -> None:
@@ -150,8 +184,7 @@ def _fold(model: nn.Module, norm: nn.Module, linears: list[nn.Module], width: in
         if shift is not None:
             add_output_bias(linear, (weight.double() @ shift).to(weight.dtype))
         weight.copy_(weight.double() * scale)
-    eps = getattr(norm, "eps", None) or norm.variance_epsilon  # LayerNorm, or the RMSNorms of transformers
-    replace_module(model, norm, RMSNorm(width, width, eps, norm.weight.dtype, norm.weight.device))
+    replace_module(model, norm, RMSNorm(width, width, norm_eps(norm), norm.weight.dtype, norm.weight.device))
 
 
 def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -231,26 +264,21 @@ def slice_hidden(model: nn.Module, size: int) -> None:
     """Keep the leading ``size`` coordinates of the stream in every module that touches it.
 
     Works on meta tensors too (``narrow`` needs no values), so the loader reshapes before it reads."""
-    adapter = get_adapter(model)
-    for embedding in adapter.embeddings():
+    parts = stream(model)
+    for embedding in parts.embeddings:
         embedding.weight = narrow_parameter(embedding.weight, 1, size)
         embedding.embedding_dim = size
-    for i in range(adapter.num_blocks()):
-        block = adapter.block(i)
-        for part, name in SHORTCUTS.items():
-            for linear in readers(block, part):
-                keep_leading_inputs(linear, size)
-            keep_leading_outputs(writer(block, part), size)
-            _slice_norm(norm_before(block, part), size)
-            shortcut = getattr(block.module, name, None)
+    for linear in [*parts.readers, parts.head]:
+        keep_leading_inputs(linear, size)
+    for linear in parts.writers:
+        keep_leading_outputs(linear, size)
+    for norm in parts.norms:
+        norm.weight = narrow_parameter(norm.weight, 0, size)
+    for block in get_adapter(model).blocks():
+        for name in SHORTCUTS.values():
+            shortcut = getattr(block, name, None)
             if shortcut is not None:
                 shortcut.weight = narrow_parameter(narrow_parameter(shortcut.weight, 0, size), 1, size)
-    _slice_norm(adapter.final_norm(), size)
-    keep_leading_inputs(adapter.lm_head(), size)
-
-
-def _slice_norm(norm: RMSNorm, size: int) -> None:
-    norm.weight = narrow_parameter(norm.weight, 0, size)
 
 
 # -- describing and rebuilding a sliced model ------------------------------------------------------
