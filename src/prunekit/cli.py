@@ -17,6 +17,7 @@ import typer
 from typer import rich_utils
 
 from prunekit import options as opts
+from prunekit.distributed import world
 from prunekit.errors import PrunekitError
 from prunekit.jobs import GgufExport, PerplexityJob, PruneJob, PruneRetrainJob, RecoverJob, ZeroShotJob
 from prunekit.methods import CONFIGS, config_class, study_variants
@@ -83,7 +84,8 @@ def prune(
     json_out: Optional[Path] = typer.Option(None, "--json", help=JSON),
     **options,
 ):
-    """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest."""
+    """Prune a model and save it as a standard Hugging Face folder with a prunekit.json manifest; under
+    `torchrun --nproc-per-node N` the processes share the calibration samples."""
     from prunekit.jobs import PruneJob, apply_recipe, describe_prune, run_prune_job
 
     values = {k: v for k, v in ctx.params.items() if k not in ("config", "json_out")}
@@ -101,8 +103,9 @@ def prune(
     method_config = opts.build_config(cls, {**chosen, **shared}, f"--method {cls.method}")
     opts.check_json(json_out)
     report = run_prune_job(job, method_config, opts.device(job.device))
-    typer.echo(describe_prune(report))
-    opts.write_json(json_out, report)
+    if world().main:  # under torchrun every process prunes; the main one saved and speaks
+        typer.echo(describe_prune(report))
+        opts.write_json(json_out, report)
 
 
 _job_options = opts.option_parameters([PruneJob], unset=False)
@@ -288,7 +291,9 @@ def demo(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # under torchrun the main process logs the progress; the others only what goes wrong
+    level = logging.INFO if world().main else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     app()
 
 

@@ -25,7 +25,7 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -242,12 +242,20 @@ class Calibration:
     source: str
     text_sha256: str
     seed: int
+    whole: dict | None = None  # a share of a set (one process's samples): that set's description
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()
 
+    def share(self, samples: slice) -> Calibration:
+        """These samples only (a process's share), described as the set they belong to: reports and
+        checkpoint fingerprints are those of the whole run."""
+        return replace(self, tokens=self.tokens[samples], whole=self.describe())
+
     def describe(self) -> dict:
+        if self.whole is not None:
+            return dict(self.whole)
         n, seqlen = self.tokens.shape
         return {
             "source": self.source,

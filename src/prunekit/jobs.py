@@ -1,7 +1,8 @@
 """Jobs: what the CLI, the study and the demo run, with one set of defaults.
 
 - ``calibration_for``: the calibration a method needs, with its declared defaults (``calibration_defaults``).
-- ``prune_job``: evaluate, prune, evaluate, and save with a manifest (or hand the pruned model back).
+- ``prune_job``: evaluate, prune, evaluate, and save with a manifest (or hand the pruned model back); under
+  several processes every one prunes (on its share of the calibration), the main one evaluates and saves.
 - ``recover_job``: load, train (every process), evaluate and save (the main process).
 - ``describe_prune``: the human-readable summary of a prune job's report.
 """
@@ -12,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from prunekit.data import Calibration, calibration
+from prunekit.distributed import barrier, require_single, world
 from prunekit.errors import PrunekitError
 from prunekit.evaluate import perplexity
 from prunekit.export.compressed import check_compressible, save_compressed
@@ -193,6 +195,7 @@ def run_prune_job(job: PruneJob, method_config: MethodConfig, device: str) -> di
     calib = calibration_for(method_config, tokenizer, job.calib, job.nsamples, job.seqlen, job.seed)
     report = prune_job(model, tokenizer, job.model, method_config, calib, engine, out=job.out,
                        overwrite=job.overwrite, fmt=job.fmt, evaluation=evaluation)  # fmt: skip
+    # every process, after the save (a lazy model's blocks are read from there): on separate machines each has one
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return report
 
@@ -216,14 +219,18 @@ def prune_job(
     model, tokenizer, model_name: str, config: MethodConfig, calib: Calibration | None, engine: EngineConfig, *,
     out: Path | None = None, overwrite: bool = False, fmt: str = "dense", evaluation: Evaluation | None = None,
 ) -> dict:  # fmt: skip
-    """Prune ``model`` in place; with ``out``, save it there. Returns the manifest (plus ``"out"``)."""
+    """Prune ``model`` in place; with ``out``, save it there. Returns the manifest (plus ``"out"``).
+
+    Under several processes each prunes its copy alike; only the main process evaluates and saves, and
+    the others wait for it, so none is gone (nor its checkpoint) before the save is complete."""
+    main = world().main
     grid = config.quant_grid
     if grid is not None:  # refuse what compressed-tensors cannot store before the work, not after it
         check_compressible(model, grid, getattr(config, "include", ()), getattr(config, "exclude", ()))
         if fmt != "dense":
             raise PrunekitError("a quantized model is saved as compressed-tensors; drop --format")
     metrics: dict = {"params_before": parameter_counts(model)}
-    if evaluation is not None:
+    if evaluation is not None and main:
         metrics["ppl_before"] = evaluation.measure(model, tokenizer)
     result = prune(model, config, calib, engine)
     metrics["params_after"] = parameter_counts(model)
@@ -239,17 +246,18 @@ def prune_job(
     if "hidden_size" in result.outside_blocks:  # SliceGPT, hidden: the stream's width before and after
         metrics["hidden_size"] = result.outside_blocks["hidden_size"]
     metrics["prune_seconds"] = result.seconds
-    if evaluation is not None:
+    if evaluation is not None and main:
         metrics["ppl_after"] = evaluation.measure(model, tokenizer)
     manifest = build_manifest(
         source=model_name, source_folder=resolve_folder(model_name), method=result.method,
         method_config=result.config, calibration=result.calibration, metrics=metrics,
         extra={"sparse_weights": config.sparse_weights},
     )  # fmt: skip
-    if out is not None and grid is not None:
+    if out is not None and grid is not None and main:
         save_compressed(model, tokenizer, out, grid, manifest, overwrite=overwrite)
-    elif out is not None:
+    elif out is not None and main:
         save_pruned(model, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt)
+    barrier()
     return {"out": str(out) if out is not None else None, **manifest}
 
 
@@ -420,6 +428,7 @@ def prune_retrain_job(job: PruneRetrainJob, device: str) -> list[dict]:
     from prunekit.methods.retrain import PruneRetrainConfig, prune_retrain
     from prunekit.recover import FinetuneConfig
 
+    require_single("prunekit prune-retrain")
     try:
         schedule = [float(x) for x in job.schedule.split(",")]
     except ValueError:

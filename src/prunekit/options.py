@@ -177,8 +177,12 @@ def merge_recipe(ctx: typer.Context, options: dict[str, Any], recipe: dict[str, 
 def device(device: str) -> str:
     import torch
 
+    from prunekit.distributed import world
+
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world().size > 1:  # under torchrun: each process its own GPU
+        device = f"cuda:{world().local_rank}"
     try:
         parsed = torch.device(device)
     except RuntimeError:

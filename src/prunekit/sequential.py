@@ -13,6 +13,10 @@ in coordinates the rotated block does not compute), and hand tensors to the next
 (``step.carry``: SliceGPT's basis, depth's angular states). The carry is checkpointed with the next
 inputs, so a resumed run continues from exactly the state an uninterrupted one had.
 
+Under several processes (``prunekit.distributed``) each runs this loop on its share of the calibration
+samples; a method hands what its hooks collected to ``step.reduce`` before deciding on it, the one point
+where statistics are summed over the processes, so every process prunes every block alike.
+
 Capture replaces every block by a recorder that stores its call arguments and passes the hidden
 states through untouched, so each block gets exactly the mask and position embeddings the model
 would give it (Gemma 3's sliding-window layers get theirs, GPT-2's positional arguments stay
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.distributed import all_reduce_stats, world
 from prunekit.errors import PrunekitError, StopForward
 from prunekit.io.lazy import is_lazy, materialize, weight_source
 from prunekit.models import Block, get_adapter
@@ -112,6 +117,13 @@ class BlockStep:
         Either the outputs of ``forward`` when the weights did not change after it, or what a method
         that changes the stream's coordinates computes itself (SliceGPT)."""
         self.accepted = outputs
+
+    def reduce(self, stats):
+        """Sum ``stats`` over the processes, in place, and return them: what the method's hooks collected on
+        this process's share of the samples (a ``distributed.Statistic``, a tensor, or a dict or list of them)
+        becomes what one process collects on all of them. Call it between collecting and deciding, in the
+        same order on every process; in a single process it returns at once."""
+        return all_reduce_stats(stats)
 
 
 BlockFn = Callable[[BlockStep], dict | None]
@@ -218,6 +230,8 @@ def run_sequential(
 
     carry: dict[str, torch.Tensor] = {}
     done = checkpoint.done if checkpoint else 0
+    if checkpoint:
+        _check_processes_agree(done, len(blocks), checkpoint.folder)
     if done:
         log.info("resuming after block %d from %s", done - 1, checkpoint.folder)
         for i in range(done):
@@ -235,7 +249,7 @@ def run_sequential(
         range(done, len(blocks)),
         desc="blocks",
         unit="block",
-        disable=not config.progress,
+        disable=not (config.progress and world().main),
         initial=done,
         total=len(blocks),
     )
@@ -265,6 +279,21 @@ def run_sequential(
     report.carry = carry
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_processes_agree(done: int, num_blocks: int, folder: Path) -> None:
+    """Every process resumes after the same block, or none does (a process stopped while another was saving)."""
+    if world().size == 1:
+        return
+    stopped = torch.zeros(num_blocks + 1, dtype=torch.int64)
+    stopped[done] = 1
+    all_reduce_stats(stopped)  # how many processes stopped after each block
+    if int(stopped[done]) != world().size:
+        after = [b for b in range(num_blocks + 1) if stopped[b]]
+        raise PrunekitError(
+            f"the processes' checkpoints under {folder.parent} stopped after different numbers of blocks ({after}); "
+            "delete the checkpoint folder to start again"
+        )
 
 
 @torch.no_grad()

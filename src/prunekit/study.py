@@ -153,7 +153,9 @@ class StudyResult:
 def run_study(config: StudyConfig, out: str | Path, progress: Callable[[str], None] = log.info) -> StudyResult:
     """Run every missing point of ``config``, time every point against dense, then write the results,
     the report and the plots to ``out``."""
+    from prunekit.distributed import require_single
 
+    require_single("prunekit study")  # every point is pruned, measured and saved by one process
     start = time.perf_counter()
     out = Path(out)
     (out / "points").mkdir(parents=True, exist_ok=True)

@@ -6,14 +6,19 @@ its block function in the sequential engine. A method that cannot be one pass of
 pruning: it changes the block list, and its greedy mode scores in several passes) registers a
 whole-model function instead, which returns the same report (its scoring passes still run in the
 engine, with checkpoints).
+
+Under several processes (``torchrun``), each prunes with its share of the calibration samples and a
+checkpoint folder of its own; the engine sums the statistics (``prunekit.distributed``), so every process
+ends with the model one process would make.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from prunekit.data import Calibration
+from prunekit.distributed import process_folder, shard, world
 from prunekit.errors import PrunekitError
 from prunekit.methods.registry import (
     CONFIGS,
@@ -56,6 +61,7 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         raise PrunekitError(f"{config.method} needs calibration data; pass --calib (e.g. c4)")
     engine = engine or EngineConfig()
     start = time.perf_counter()
+    calibration, engine = _this_process(calibration, engine)
     if method.whole_model is not None:
         report, outside = method.whole_model(config, model, calibration, engine)
     else:
@@ -68,6 +74,16 @@ def prune(model, config, calibration: Calibration | None = None, engine: EngineC
         time.perf_counter() - start,
         outside,
     )
+
+
+def _this_process(calibration: Calibration | None, engine: EngineConfig) -> tuple[Calibration | None, EngineConfig]:
+    """Under several processes: this process's share of the samples, and a checkpoint folder of its own
+    (a checkpoint holds its share's activations)."""
+    if world().size == 1:
+        return calibration, engine
+    if calibration is not None:
+        calibration = calibration.share(shard(len(calibration.tokens)))
+    return calibration, replace(engine, checkpoint_dir=process_folder(engine.checkpoint_dir))
 
 
 def _run_blocks(method: Method, model, config, calibration, engine: EngineConfig) -> tuple[EngineReport, dict]:

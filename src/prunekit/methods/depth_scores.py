@@ -187,8 +187,8 @@ class Replay:
         return outputs
 
     @torch.no_grad()
-    def nll(self, hidden: list[torch.Tensor], start: int) -> float:
-        """Mean next-token loss of the blocks from ``start`` on, then the head, on ``hidden``."""
+    def nll(self, hidden: list[torch.Tensor], start: int) -> torch.Tensor:
+        """Next-token loss of the blocks from ``start`` on, then the head, on ``hidden``: [sum, tokens] (float64)."""
         for position in range(start, len(self.network.alive)):
             hidden = self.run(position, hidden)
         total, count = 0.0, 0
@@ -196,7 +196,20 @@ class Replay:
             logits = self.network.adapter.logits(h)[:, :-1].float()
             total += F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum").item()
             count += labels[:, 1:].numel()
-        return total / count
+        return torch.tensor([total, count], dtype=torch.float64)
+
+
+def _means(step: BlockStep, sums: list[torch.Tensor]) -> list[float]:
+    """Means from [sum, count] pairs measured on this process's samples, every process's sums and counts
+    added first (``step.reduce``), so all processes rank alike."""
+    if not sums:
+        return []
+    return [total / count for total, count in step.reduce(torch.stack(sums)).tolist()]
+
+
+def _scored(units: list[Unit], means: list[float]) -> list[list]:
+    """``[block, part, score]`` per unit, the form a block reports (JSON keeps it exact)."""
+    return [[*unit, score] for unit, score in zip(units, means, strict=True)]
 
 
 def _by_block(units: list[Unit]) -> dict[int, list[Unit]]:
@@ -217,38 +230,42 @@ def ppl_scores(ctx: Context, units: list[Unit]) -> dict[Unit, float]:
     replay, network, grouped = ctx.replay(), ctx.network, _by_block(units)
 
     def score(step: BlockStep) -> dict:
-        scores = []
-        for unit in grouped.get(network.alive[step.index], []):
+        here, nlls = grouped.get(network.alive[step.index], []), []
+        for unit in here:
             if unit[1] == "block":
-                nll = replay.nll(step.inputs, step.index + 1)
+                nlls.append(replay.nll(step.inputs, step.index + 1))
             else:
                 with network.without(unit):
-                    nll = replay.nll(step.inputs, step.index)
-            scores.append([*unit, math.exp(nll)])
-        return {"scores": scores}
+                    nlls.append(replay.nll(step.inputs, step.index))
+        return {"scores": _scored(here, [math.exp(nll) for nll in _means(step, nlls)])}
 
     return _scores(ctx.sweep(score, "ppl", units))
 
 
-def _influence(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def _sum_and_count(values: torch.Tensor) -> torch.Tensor:
+    """[sum, count] of ``values`` on this process's tokens (float64): averaged once every process's are in."""
+    return torch.tensor([float(values.sum()), values.numel()], dtype=torch.float64)
+
+
+def _influence(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """1 − cos between two residual streams, averaged over every token (ShortGPT's Block Influence)."""
     cos = torch.cat([F.cosine_similarity(x.double(), y.double(), dim=-1).flatten() for x, y in zip(a, b, strict=True)])
-    return float(1 - cos.mean())
+    return _sum_and_count(1 - cos)
 
 
-def _angle(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Mean angular distance arccos(cos) / π between rows of ``x`` and ``y``."""
+def _angle(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Angular distance arccos(cos) / π between rows of ``x`` and ``y``, to be averaged over the rows."""
     cos = F.cosine_similarity(x.double(), y.double(), dim=-1).clamp(-1, 1)
-    return float((torch.arccos(cos) / math.pi).mean())
+    return _sum_and_count(torch.arccos(cos) / math.pi)
 
 
-def _angular(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+def _angular(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     """Angular distance at the last token of each sample (Gromov et al.: the causal model's summary)."""
     return _angle(torch.cat([x[:, -1] for x in a]), torch.cat([y[:, -1] for y in b]))
 
 
 def _sweep(ctx: Context, units: list[Unit], measure: Callable, what: str) -> dict[Unit, float]:
-    """``measure(input, output)`` of every unit, from one pass over the blocks."""
+    """The mean of ``measure(input, output)`` of every unit, from one pass over the blocks."""
     network, grouped = ctx.network, _by_block(units)
 
     def score(step: BlockStep) -> dict:
@@ -261,7 +278,7 @@ def _sweep(ctx: Context, units: list[Unit], measure: Callable, what: str) -> dic
                 middle = step.forward()  # the residual stream between attention and MLP
             ends = {"attention": (hidden, middle), "mlp": (middle, output)}
         pairs = {unit: (hidden, output) if unit[1] == "block" else ends[unit[1]] for unit in here}
-        return {"scores": [[*unit, measure(*pair)] for unit, pair in pairs.items()]}
+        return {"scores": _scored(list(pairs), _means(step, [measure(*pair) for pair in pairs.values()]))}
 
     return _scores(ctx.sweep(score, what, units))
 
@@ -281,28 +298,34 @@ def _last_tokens(hidden: list[torch.Tensor]) -> torch.Tensor:
 def angular_runs(ctx: Context, blocks: list[int], longest: int) -> tuple[list[dict], dict[Unit, float]]:
     """For each run length n up to ``longest``: the start of the contiguous run of ``blocks`` whose
     input and output are nearest in angle (Gromov et al.), and that distance; and the distance of
-    each single block. One forward pass; the last-token states of every block boundary ride in the carry."""
+    each single block. One forward pass: the last-token states of every block boundary ride in the carry,
+    and each block reports the distances from every boundary before it to its output."""
     network = ctx.network
 
-    def walk(step: BlockStep) -> None:
+    def walk(step: BlockStep) -> dict:
         output = step.forward()
         step.accept(output)
         if "states" not in step.carry:  # block 0: the state entering the network
             step.carry["states"] = _last_tokens(step.inputs)[None]
-        last = _last_tokens(output)[None]
-        step.carry["states"] = torch.cat([step.carry["states"].to(last.device), last])  # a checkpoint's is on the CPU
+        last = _last_tokens(output)
+        states = step.carry["states"].to(last.device)  # a checkpoint's is on the CPU
+        step.carry["states"] = torch.cat([states, last[None]])
+        return {"angles": _means(step, [_angle(x, last) for x in states])}
 
-    states = list(ctx.sweep(walk, "angular-runs", [(b, "block") for b in blocks]).carry["states"])
+    reports = ctx.sweep(walk, "angular-runs", [(b, "block") for b in blocks]).blocks
+
+    def distance(start: int, end: int) -> float:  # between the states at two block boundaries
+        return reports[end - 1]["angles"][start]
+
     allowed = {network.alive.index(b) for b in blocks}
     runs = []
     for n in range(1, longest + 1):
         starts = [p for p in range(len(network.alive) - n + 1) if all(p + k in allowed for k in range(n))]
         if not starts:
             break
-        distance = {p: _angle(states[p], states[p + n]) for p in starts}
-        best = min(starts, key=lambda p: (distance[p], p))
-        runs.append({"blocks": n, "start": network.alive[best], "score": distance[best]})
-    singles = {(network.alive[p], "block"): _angle(states[p], states[p + 1]) for p in sorted(allowed)}
+        best = min(starts, key=lambda p: (distance(p, p + n), p))
+        runs.append({"blocks": n, "start": network.alive[best], "score": distance(best, best + n)})
+    singles = {(network.alive[p], "block"): distance(p, p + 1) for p in sorted(allowed)}
     return runs, singles
 
 

@@ -6,6 +6,10 @@ linear weights again, in fp32), and the activations of one sample's forward and 
 second-order variants also keep the per-sample Fisher diagonal and the running mean gradient (two
 more copies). Only the block linears require gradients, so embeddings and the head need none.
 For SmolLM2-135M at 512 tokens that is about 1 GiB on top of the model (first order).
+
+Under several processes each differentiates its share of the samples and the means are summed over the
+processes here, at the end of the pass (the whole-model counterpart of ``BlockStep.reduce``), so the
+importance computed from them is the same in every process.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.distributed import all_reduce_stats, world
 from prunekit.models import get_adapter, is_conv1d
 
 
@@ -27,6 +32,20 @@ class Gradients:
 
     grad: dict[nn.Module, torch.Tensor]
     fisher: dict[nn.Module, torch.Tensor] | None
+    samples: int = 0  # the means are over this many samples
+
+    def _means(self) -> list[torch.Tensor]:
+        return [*self.grad.values(), *(self.fisher or {}).values()]
+
+    def partial_sums(self) -> dict[str, torch.Tensor]:
+        # means over unequal shares are summed as mean x samples; scaled in place, they are the size of the model
+        sums = {str(i): g.mul_(self.samples) for i, g in enumerate(self._means())}
+        return {**sums, "samples": torch.tensor(self.samples, dtype=torch.int64)}
+
+    def set_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        self.samples = int(totals["samples"])
+        for i, g in enumerate(self._means()):
+            g.copy_(totals[str(i)]).div_(self.samples)
 
 
 def _out_in(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
@@ -39,7 +58,8 @@ def block_linears(model) -> list[nn.Module]:
 
 
 def accumulate_gradients(model, tokens: torch.Tensor, fisher: bool, progress: bool = True) -> Gradients:
-    """Gradient of the mean loss over ``tokens`` (one loss and backward per sample) and the Fisher diagonal.
+    """Gradient of the mean loss over ``tokens`` (one loss and backward per sample) and the Fisher diagonal;
+    over every process's ``tokens`` when several run.
 
     The model's ``requires_grad`` flags and gradients are restored afterwards."""
     linears = block_linears(model)
@@ -54,7 +74,7 @@ def accumulate_gradients(model, tokens: torch.Tensor, fisher: bool, progress: bo
             p.grad = None
         for m in linears:
             m.weight.requires_grad_(True)
-        for sample in tqdm(tokens.split(1), desc="gradients", unit="sample", disable=not progress):
+        for sample in tqdm(tokens.split(1), desc="gradients", unit="sample", disable=not (progress and world().main)):
             sample = sample.to(device)
             loss = model(input_ids=sample, labels=sample, use_cache=False).loss
             if not fisher:
@@ -67,10 +87,12 @@ def accumulate_gradients(model, tokens: torch.Tensor, fisher: bool, progress: bo
                 diag[m] += g * g / n
                 m.weight.grad = None
         grads = mean if fisher else {m: m.weight.grad.float() for m in linears}
-        return Gradients(
+        gradients = Gradients(
             {m: _out_in(m, g) for m, g in grads.items()},
             {m: _out_in(m, f) for m, f in diag.items()} if fisher else None,
+            n,
         )
+        return all_reduce_stats(gradients)
     finally:
         for p, flag in flags.items():
             p.grad = None

@@ -42,6 +42,7 @@ def owl_prepare(config, model, calibration, engine):
         stats = {name: InputNorms(in_features(lin), weight_device(lin)) for name, lin in linears.items()}
         with on_inputs(linears, lambda name, linear, x: stats[name].update(x)):
             step.forward()
+        step.reduce(stats)
         scores = [wanda_scores(linear_weight(lin), stats[name].norms()) for name, lin in linears.items()]
         ratios.append(outlier_ratio(scores, config.owl_m))
 

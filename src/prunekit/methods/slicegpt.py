@@ -95,7 +95,7 @@ class SliceGPTConfig(MethodConfig):
 
 
 class Covariance:
-    """Float64 sums of ``xᵀx`` over tokens."""
+    """Float64 sums of ``xᵀx`` over tokens (a ``distributed.Statistic``)."""
 
     def __init__(self, width: int, device):
         self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
@@ -103,6 +103,12 @@ class Covariance:
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1]).double()
         self.sum += flat.T @ flat
+
+    def partial_sums(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum}
+
+    def set_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        self.sum = totals["sum"]
 
 
 @dataclass
@@ -147,10 +153,12 @@ class SlicePlan:
     width: int
     size: int
 
-    def basis(self, signals: list[torch.Tensor], device, generator: torch.Generator) -> Basis:
-        cov = Covariance(self.width, device)
+    def basis(self, step, signals: list[torch.Tensor], generator: torch.Generator) -> Basis:
+        """The principal basis of ``signals`` (this process's share) over every process's samples."""
+        cov = Covariance(self.width, step.device)
         for x in signals:
-            cov.add(x.to(device))
+            cov.add(x.to(step.device))
+        step.reduce(cov)
         return _oriented(principal_basis(cov.sum, self.size, self.config.damp), self.size, self.config, generator)
 
 
@@ -182,16 +190,16 @@ def slicegpt_block(plan: SlicePlan, step) -> dict:
     carry, device = step.carry, step.device
     generator = torch.Generator().manual_seed(plan.config.seed)
     if step.index == 0:  # the stream the embeddings write: its basis comes from block 0's inputs
-        entering = plan.basis(step.inputs, device, generator)
+        entering = plan.basis(step, step.inputs, generator)
         carry["first"] = entering.vectors
         step.inputs = [project(x, entering.vectors, plan.size) for x in step.inputs]
     else:
         generator.set_state(carry["generator"])
         entering = Basis(carry["leaving"], float(carry["leaving_energy"]))
     block = step.block
-    middle = plan.basis(_mlp_inputs(block, step.inputs, step.calls, device), device, generator)
+    middle = plan.basis(step, _mlp_inputs(block, step.inputs, step.calls, device), generator)
     outputs = _outputs_with_sliced_middle(block, step.inputs, step.calls, device, middle.vectors, plan.size)
-    leaving = plan.basis(outputs, device, generator)
+    leaving = plan.basis(step, outputs, generator)
     rotate_block(block, *(b.vectors.to(device) for b in (entering, middle, leaving)))
     # the next block runs unrotated on this stream sliced in the leaving basis: not what the rotated block computes
     step.accept([project(x, leaving.vectors, plan.size).to(step.offload) for x in outputs])

@@ -1,4 +1,10 @@
-"""Statistics of the inputs of linear layers, collected by forward pre-hooks during calibration."""
+"""Statistics of the inputs of linear layers, collected by forward pre-hooks during calibration.
+
+Each is a ``prunekit.distributed.Statistic``: it declares its additive parts (``partial_sums``), which the
+engine sums over the processes of a multi-process run (``BlockStep.reduce``) before the method reads them.
+Sums that a method compares element by element (Wanda's norms) are kept in float64, so that a few
+processes' partial sums round to one process's sum in float32.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +20,31 @@ def flat_inputs(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _count(tokens: int) -> torch.Tensor:
+    return torch.tensor(tokens, dtype=torch.int64)
+
+
 class InputNorms:
-    """Squared L2 norm of each input feature over all calibration tokens, accumulated in float32."""
+    """Squared L2 norm of each input feature over all calibration tokens, accumulated in float64 (so the
+    processes' partial sums add up to one process's sum: the same norms in float32, the same Wanda masks)."""
 
     def __init__(self, features: int, device):
-        self.squares = torch.zeros(features, dtype=torch.float32, device=device)
+        self.squares = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = flat_inputs(x).float()
+        x = flat_inputs(x).double()
         self.squares += (x * x).sum(0)
         self.tokens += x.shape[0]
 
     def norms(self) -> torch.Tensor:
-        return self.squares.sqrt()
+        return self.squares.sqrt().float()
+
+    def partial_sums(self) -> dict[str, torch.Tensor]:
+        return {"squares": self.squares, "tokens": _count(self.tokens)}
+
+    def set_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        self.squares, self.tokens = totals["squares"], int(totals["tokens"])
 
 
 class InputMoments:
@@ -55,6 +72,12 @@ class InputMoments:
         n = max(self.tokens, 2)
         return ((self.squares - self.sums**2 / n) / (n - 1)).clamp_min(0).float()
 
+    def partial_sums(self) -> dict[str, torch.Tensor]:
+        return {"sums": self.sums, "squares": self.squares, "tokens": _count(self.tokens)}
+
+    def set_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        self.sums, self.squares, self.tokens = totals["sums"], totals["squares"], int(totals["tokens"])
+
 
 class Hessian:
     """SparseGPT's H = 2/n * sum x x^T over the calibration tokens, kept as a running mean."""
@@ -70,6 +93,14 @@ class Hessian:
         self.tokens += new
         x = x * (2.0 / self.tokens) ** 0.5
         self.matrix += x.t() @ x
+
+    def partial_sums(self) -> dict[str, torch.Tensor]:
+        # a mean over shares of unequal size is summed as mean x count (to the rounding of the Hessian's dtype)
+        return {"weighted": self.matrix * self.tokens, "tokens": _count(self.tokens)}
+
+    def set_totals(self, totals: dict[str, torch.Tensor]) -> None:
+        self.tokens = int(totals["tokens"])
+        self.matrix = totals["weighted"] / max(self.tokens, 1)
 
 
 @contextmanager

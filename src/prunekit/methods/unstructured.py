@@ -116,7 +116,7 @@ def prune_block(
             if name not in done:
                 stats = new_stats(linear)
                 stats.update(x)
-                prune_linear(linear, stats)
+                prune_linear(linear, step.reduce(stats))  # every process reaches each linear once, in order
                 done.add(name)
 
         done: set[str] = set()
@@ -129,6 +129,7 @@ def prune_block(
         stats = {name: new_stats(linear) for name, linear in linears.items()}
         with on_inputs(linears, lambda name, linear, x: stats[name].update(x)):
             step.forward()
+        step.reduce(stats)
         for name, linear in linears.items():
             prune_linear(linear, stats[name])
     return {"sparsity": {name: sparsity_of(linear_weight(linear)) for name, linear in linears.items()}}

@@ -290,7 +290,7 @@ def collect_moments(step) -> tuple[dict[str, InputMoments], list[torch.Tensor]]:
     moments = {name: InputMoments(linear_weight(m).shape[1], device) for name, m in linears.items()}
     with on_inputs(linears, lambda name, linear, x: moments[name].update(x)):
         outputs = step.forward()
-    return moments, outputs
+    return step.reduce(moments), outputs
 
 
 # --- applying a shape ----------------------------------------------------------------------------

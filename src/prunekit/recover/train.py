@@ -197,10 +197,11 @@ def make_accelerator(config: RecoverConfig):
     """The run's ``Accelerator``: one process, or each of those ``accelerate launch`` / torchrun started."""
     from accelerate import Accelerator
 
+    from prunekit.distributed import accelerated
+
     # Without an accelerator, accelerate runs several launched processes as one each unless told cpu=True
-    # (then they join over gloo).
-    accelerated = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no", cpu=not accelerated)
+    # (then they join over gloo); pruning's processes join the same way (``prunekit.distributed``).
+    return Accelerator(mixed_precision="bf16" if config.precision == "bf16" else "no", cpu=not accelerated())
 
 
 @dataclass
