@@ -102,6 +102,7 @@ from prunekit.methods.wanda import WandaConfig  # noqa: E402
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 from prunekit.methods.depth import DepthConfig  # noqa: E402
+from prunekit.methods.mix import MixConfig  # noqa: E402
 from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
 from prunekit.methods.gptq import GPTQConfig  # noqa: E402
 
@@ -118,6 +119,7 @@ __all__ = [
     "DepthConfig",
     "GPTQConfig",
     "MagnitudeConfig",
+    "MixConfig",
     "PruneResult",
     "SliceGPTConfig",
     "SparseGPTConfig",
