@@ -48,7 +48,7 @@ def scores_folder(args, tokenizer) -> dict:
     calib = calibration(tokenizer, "c4", n_samples=args.nsamples, seqlen=args.seqlen, seed=0)
     forward = forward_seconds(model, calib.tokens, args.batch_size)
     config = MixConfig(mlp_levels=args.mlp_levels, head_levels=args.head_levels)
-    engine = EngineConfig(batch_size=args.batch_size, progress=False)
+    engine = EngineConfig(batch_size=args.batch_size)
     record, importance, _ = score(config, model, calib, engine)
     timing = {"forward_seconds": forward, "scoring_seconds": record["scoring_seconds"],
               "scoring_forwards": record["scoring_seconds"] / forward}  # fmt: skip

@@ -204,61 +204,73 @@ class _Errors:
         self.sse = 0.0
         self.cosine = 0.0
 
-    def add(self, output: torch.Tensor, dense: torch.Tensor) -> None:
-        self.sse += float((output - dense).double().pow(2).sum())
-        self.cosine += float((1 - F.cosine_similarity(output, dense, dim=-1)).double().sum())
+    def add(self, output: torch.Tensor, dense: torch.Tensor, dense_norms: torch.Tensor) -> None:
+        diff = output - dense
+        self.sse += float(torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2)
+        cos = (output * dense).sum(-1) / (output.norm(dim=-1) * dense_norms).clamp_min(1e-30)
+        self.cosine += float((1 - cos).sum(dtype=torch.float64))
 
 
 def _mlp_shortcut(y, down_in, down_out, down, order, widths) -> dict[int, torch.Tensor]:
     """The block's outputs for every MLP width from one forward (see the module docstring)."""
-    weight = linear_weight(down).detach().float()[:, order]
+    weight = linear_weight(down).detach().float()[:, order].T  # [neurons, out], best neuron first
     bias = getattr(down, "bias", None)
-    base = y - down_out.float()
-    ordered = down_in.float()[..., order]
-    partial, done, outputs = torch.zeros_like(base), 0, {}
+    base = (y - down_out.float()).reshape(-1, y.shape[-1])  # the stream without the MLP's output
+    ordered = down_in.float().reshape(-1, down_in.shape[-1])[:, order]
+    partial = base if bias is None else base + bias.float()
+    done, outputs = 0, {}
     for width in sorted(widths):
-        partial = partial + ordered[..., done:width] @ weight[:, done:width].T
-        done = width
-        outputs[width] = base if width == 0 else base + partial + (bias.float() if bias is not None else 0)
+        if width:  # the neurons done..width added to the output of the best ``done``
+            partial = torch.addmm(partial, ordered[:, done:width], weight[done:width])
+            done = width
+        outputs[width] = (partial if width else base).reshape(y.shape)
     return outputs
 
 
 @torch.no_grad()
 def measure_block(space: Space, step: BlockStep) -> dict:
-    """The engine step of the scoring pass: every choice of this block, its cost and its errors."""
+    """The engine step of the scoring pass: every choice of this block, its cost and its errors.
+
+    The first pass is the dense block (its outputs go on as the next block's inputs); it collects the
+    activation norms and keeps what ``down`` saw, so the MLP options of the full attention need no forward."""
     block = step.block
     shape = block_shape(block)
-    importance, dense = activation_importance(step)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture(module, args, out):
+        seen.append((args[0].to(step.offload), out.to(step.offload)))
+
+    with _hooks(block.mlp.down, post=capture):
+        importance, dense = activation_importance(step)
     step.accept(dense)  # nothing changes in this pass: the dense outputs are the next block's inputs
     widths = space.mlp_options(shape)
     errors = {choice: _Errors() for choice in space.choices(shape)}
-    norm2, tokens, additive = 0.0, 0, None
-    seen: dict[str, torch.Tensor] = {}
-
-    def capture(module, args, out):
-        seen["in"], seen["out"] = args[0], out
-
+    targets = [d.to(step.device).float() for d in dense]
+    norms = [t.norm(dim=-1) for t in targets]
+    additive = None
     for q, kv in space.attention_options(shape):
-        attention = Choice(q, kv, shape.intermediate_size)
-        with _attention_as(block, importance, space, shape, attention):
+        with _attention_as(block, importance, space, shape, Choice(q, kv, shape.intermediate_size)):
             for b, (hidden, call) in enumerate(zip(step.inputs, step.calls, strict=True)):
-                target = dense[b].to(step.device).float()
-                if q == shape.num_heads:  # the first option: count the dense outputs once
-                    norm2, tokens = norm2 + float(target.double().pow(2).sum()), tokens + target[..., 0].numel()
-                with _hooks(block.mlp.down, post=capture):
-                    y = call_block(block.module, hidden, call, step.device).float()
-                outputs = _mlp_shortcut(y, seen["in"], seen["out"], block.mlp.down, importance.neurons, widths)
+                if q == shape.num_heads:  # the dense pass above computed this one
+                    y, (down_in, down_out) = targets[b], seen[b]
+                else:
+                    latest = {}
+                    with _hooks(block.mlp.down, post=lambda m, args, out: latest.update(down=(args[0], out))):
+                        y = call_block(block.module, hidden, call, step.device).float()
+                    down_in, down_out = latest["down"]
+                outputs = _mlp_shortcut(y, down_in.to(step.device), down_out.to(step.device), block.mlp.down,
+                                        importance.neurons, widths)  # fmt: skip
                 if additive is None:
                     additive = _check_shortcut(block, importance, widths, shape, hidden, call, step.device, outputs)
                 if not additive:
                     outputs = {w: _masked(block, importance, w, shape, hidden, call, step.device) for w in widths}
                 for width, output in outputs.items():
-                    errors[Choice(q, kv, width)].add(output, target)
+                    errors[Choice(q, kv, width)].add(output, targets[b], norms[b])
     return {
         "dense": {"num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
                   "intermediate_size": shape.intermediate_size},
-        "norm2": norm2,
-        "tokens": tokens,
+        "norm2": float(sum(float(t.double().pow(2).sum()) for t in targets)),
+        "tokens": sum(t[..., 0].numel() for t in targets),
         "additive": bool(additive),
         "choices": [
             {**vars(choice), "params": removed_params(block, choice), "sse": e.sse, "cosine": e.cosine}
