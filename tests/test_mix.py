@@ -132,11 +132,11 @@ def test_the_free_cuts_are_chosen_and_the_costs_are_exact():
     assert model.config.num_hidden_layers == 4 and sum(isinstance(m, RemovedAttention) for m in model.modules()) == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "phi3", "opt"])
 def test_the_recorded_errors_are_what_the_cut_block_computes(family):
     """Each block cut to each choice, on its dense inputs: the squared error the table holds (Gemma 3 scores
     by masked forwards, the others by the MLP shortcut; GPT-2 has Conv1D linears and plain heads, Phi-3 fused
-    projections)."""
+    projections, OPT an MLP inline in its block that flattens the tokens)."""
     model = deep_model(family, layers=3)
     config = MixConfig(target_params=0.1, head_levels="0.5")
     result = prune(copy.deepcopy(model), config, calibration(), ENGINE)

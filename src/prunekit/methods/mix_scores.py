@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from prunekit.methods.allocation import Shape, head_options, round_down
 from prunekit.methods.width import WidthConfig, collect_moments, keep_heads, score_block
-from prunekit.models import Block, linear_weight
+from prunekit.models import Block, get_adapter, linear_weight
 from prunekit.sequential import BlockStep, call_block
 from prunekit.surgery.depth import sublayer_params
 from prunekit.surgery.linear import in_features, out_features
@@ -121,6 +121,42 @@ def activation_importance(step: BlockStep) -> tuple[Importance, list[torch.Tenso
     return Importance(order.cpu(), scores.heads.sum(1).cpu()), outputs
 
 
+@torch.enable_grad()
+def stream_gradients(model, tokens: torch.Tensor, batch_size: int, offload) -> list[list[torch.Tensor]]:
+    """``g[i][b]``: the gradient of batch ``b``'s summed next-token loss with respect to block ``i``'s output.
+
+    One forward and backward per batch through the whole model (no weight needs a gradient: the graph
+    starts at the embeddings' output). Kept in bfloat16 on ``offload``: tokens x hidden x blocks."""
+    adapter = get_adapter(model)
+    blocks = adapter.blocks()
+    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
+    device = adapter.embeddings()[0].weight.device
+    flags = {p: p.requires_grad for p in model.parameters()}
+
+    def keep(i):
+        def hook(module, args, out):
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden.register_hook(lambda g: grads[i].append(g.detach().to(offload, torch.bfloat16)))
+
+        return hook
+
+    handles = [block.register_forward_hook(keep(i)) for i, block in enumerate(blocks)]
+    handles.append(adapter.embeddings()[0].register_forward_hook(lambda m, a, out: out.detach().requires_grad_()))
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for batch in tokens.split(batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return grads
+
+
 # -- costs -----------------------------------------------------------------------------------------
 
 
@@ -203,19 +239,25 @@ class _Errors:
     def __init__(self):
         self.sse = 0.0
         self.cosine = 0.0
+        self.fisher = 0.0
+        self.first = 0.0
 
-    def add(self, output: torch.Tensor, dense: torch.Tensor, dense_norms: torch.Tensor) -> None:
+    def add(self, output: torch.Tensor, dense: torch.Tensor, dense_norms: torch.Tensor, grad=None) -> None:
         diff = output - dense
         self.sse += float(torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2)
         cos = (output * dense).sum(-1) / (output.norm(dim=-1) * dense_norms).clamp_min(1e-30)
         self.cosine += float((1 - cos).sum(dtype=torch.float64))
+        if grad is not None:
+            change = (diff * grad).sum(-1)  # per token: the loss's first-order change
+            self.first += float(change.sum(dtype=torch.float64))
+            self.fisher += float(change.pow(2).sum(dtype=torch.float64))
 
 
 def _mlp_shortcut(y, down_in, down_out, down, order, widths) -> dict[int, torch.Tensor]:
     """The block's outputs for every MLP width from one forward (see the module docstring)."""
     weight = linear_weight(down).detach().float()[:, order].T  # [neurons, out], best neuron first
     bias = getattr(down, "bias", None)
-    base = (y - down_out.float()).reshape(-1, y.shape[-1])  # the stream without the MLP's output
+    base = (y - down_out.float().reshape(y.shape)).reshape(-1, y.shape[-1])  # the stream without the MLP (OPT: 2-D)
     ordered = down_in.float().reshape(-1, down_in.shape[-1])[:, order]
     partial = base if bias is None else base + bias.float()
     done, outputs = 0, {}
@@ -228,7 +270,7 @@ def _mlp_shortcut(y, down_in, down_out, down, order, widths) -> dict[int, torch.
 
 
 @torch.no_grad()
-def measure_block(space: Space, step: BlockStep) -> dict:
+def measure_block(space: Space, step: BlockStep, grads: list[torch.Tensor] | None = None) -> dict:
     """The engine step of the scoring pass: every choice of this block, its cost and its errors.
 
     The first pass is the dense block (its outputs go on as the next block's inputs); it collects the
@@ -264,8 +306,9 @@ def measure_block(space: Space, step: BlockStep) -> dict:
                     additive = _check_shortcut(block, importance, widths, shape, hidden, call, step.device, outputs)
                 if not additive:
                     outputs = {w: _masked(block, importance, w, shape, hidden, call, step.device) for w in widths}
+                grad = grads[b].to(step.device).float() if grads is not None else None
                 for width, output in outputs.items():
-                    errors[Choice(q, kv, width)].add(output, targets[b], norms[b])
+                    errors[Choice(q, kv, width)].add(output, targets[b], norms[b], grad)
     return {
         "dense": {"num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
                   "intermediate_size": shape.intermediate_size},
@@ -273,7 +316,8 @@ def measure_block(space: Space, step: BlockStep) -> dict:
         "tokens": sum(t[..., 0].numel() for t in targets),
         "additive": bool(additive),
         "choices": [
-            {**vars(choice), "params": removed_params(block, choice), "sse": e.sse, "cosine": e.cosine}
+            {**vars(choice), "params": removed_params(block, choice), "sse": e.sse, "cosine": e.cosine,
+             **({"fisher": e.fisher, "first": e.first} if grads is not None else {})}
             for choice, e in errors.items()
         ],
         "importance": {"neurons": importance.neurons.tolist(), "heads": importance.heads.tolist()},
