@@ -245,6 +245,8 @@ def prune_job(
         metrics["ranking"] = result.outside_blocks["ranking"]
     if "hidden_size" in result.outside_blocks:  # SliceGPT, hidden: the stream's width before and after
         metrics["hidden_size"] = result.outside_blocks["hidden_size"]
+    if "mix" in result.outside_blocks:  # the mix search's table: reusable with --scores-from
+        metrics["mix"] = result.outside_blocks["mix"]
     metrics["prune_seconds"] = result.seconds
     if evaluation is not None and main:
         metrics["ppl_after"] = evaluation.measure(model, tokenizer)
@@ -255,8 +257,9 @@ def prune_job(
     )  # fmt: skip
     if out is not None and grid is not None and main:
         save_compressed(model, tokenizer, out, grid, manifest, overwrite=overwrite)
-    elif out is not None and main:
-        save_pruned(model, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt)
+    elif out is not None and main:  # with the files a method hands over (the mix search's importance)
+        files = result.outside_blocks.get("files")
+        save_pruned(model, tokenizer, out, manifest, overwrite=overwrite, fmt=fmt, extra_files=files)
     barrier()
     return {"out": str(out) if out is not None else None, **manifest}
 
@@ -486,6 +489,8 @@ def describe_prune(report: dict) -> str:
         lines.append(f"removed      {removed} (ranking reusable: --ranking-from {report['out']}/prunekit.json)")
     if "hidden_size" in m:
         lines.append(f"hidden size  {m['hidden_size']['before']} -> {m['hidden_size']['after']}")
+    if "mix" in m:
+        lines.append(f"chose        {_mix_summary(m.get('blocks', []))} (scores reusable: --scores-from {report['out']})")
     lines.append(f"pruning time {m['prune_seconds']:.1f} s")
     if "ppl_before" in m:
         before, after = m["ppl_before"], m["ppl_after"]
@@ -496,3 +501,16 @@ def describe_prune(report: dict) -> str:
     if report.get("out"):
         lines.append(f"saved        {report['out']} (prunekit.json has the full report)")
     return "\n".join(lines)
+
+
+def _mix_summary(blocks: list[dict]) -> str:
+    """How many blocks the mix search removed, left without attention or MLP, narrowed or kept."""
+    kinds = [
+        "removed" if b["num_heads"] == 0 and b["intermediate_size"] == 0
+        else "without attention" if b["num_heads"] == 0
+        else "without MLP" if b["intermediate_size"] == 0
+        else "narrowed" if b["removed_params"]
+        else "kept"
+        for b in blocks
+    ]
+    return "blocks " + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))

@@ -118,6 +118,7 @@ from prunekit.methods.wanda import WandaConfig  # noqa: E402
 from prunekit.methods.sparsegpt import SparseGPTConfig  # noqa: E402
 from prunekit.methods.width import WidthConfig  # noqa: E402
 from prunekit.methods.depth import DepthConfig  # noqa: E402
+from prunekit.methods.mix import MixConfig  # noqa: E402
 from prunekit.methods.slicegpt import SliceGPTConfig  # noqa: E402
 from prunekit.methods.hidden import HiddenConfig  # noqa: E402
 from prunekit.methods.gptq import GPTQConfig  # noqa: E402
@@ -136,6 +137,7 @@ __all__ = [
     "GPTQConfig",
     "HiddenConfig",
     "MagnitudeConfig",
+    "MixConfig",
     "PruneResult",
     "SliceGPTConfig",
     "SparseGPTConfig",

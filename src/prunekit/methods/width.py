@@ -296,7 +296,8 @@ def collect_moments(step) -> tuple[dict[str, InputMoments], list[torch.Tensor]]:
 # --- applying a shape ----------------------------------------------------------------------------
 
 
-def _keep_heads(gqa: str, head_scores: torch.Tensor, heads: int, kv_heads: int, target: Shape) -> torch.Tensor:
+def keep_heads(gqa: str, head_scores: torch.Tensor, heads: int, kv_heads: int, target: Shape) -> torch.Tensor:
+    """The query heads to keep for ``target`` under a GQA policy, the lowest-scored going first."""
     if gqa == "kv-groups":
         group_scores = head_scores.view(kv_heads, -1).sum(1)
         remove = torch.argsort(group_scores, stable=True)[: kv_heads - target.num_kv_heads].tolist()
@@ -318,7 +319,7 @@ def apply_shape(config: WidthConfig, block, target: Shape, scores: Scores, momen
     attn, mlp = block.attention, block.mlp
     compensated = []
     if target.num_heads < attn.num_heads:
-        keep = _keep_heads(config.gqa, scores.heads.sum(1), attn.num_heads, attn.num_kv_heads, target)
+        keep = keep_heads(config.gqa, scores.heads.sum(1), attn.num_heads, attn.num_kv_heads, target)
         if config.bias_compensation:
             channels = (keep[:, None] * attn.head_dim + torch.arange(attn.head_dim)).flatten()
             _compensate(attn.o, channels, moments["o"].mean())
@@ -523,7 +524,7 @@ def width_restore(plan: WidthPlan, block, report: dict) -> None:
     with editable_on_meta(block.module):
         if report["num_heads"] < heads:
             target = Shape(report["intermediate_size"], report["num_heads"], report["num_kv_heads"])
-            prune_attention_heads(block, _keep_heads(plan.config.gqa, torch.zeros(heads), heads, kv_heads, target))
+            prune_attention_heads(block, keep_heads(plan.config.gqa, torch.zeros(heads), heads, kv_heads, target))
         prune_mlp_neurons(block, torch.arange(report["intermediate_size"]))
     linears = {"o": block.attention.o, "down": block.mlp.down}
     for name in report.get("bias_added", []):
